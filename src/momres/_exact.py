@@ -1,0 +1,134 @@
+"""Exact arithmetic for the memory-free momentum update.
+
+The update ``v <- g*v + (1-g)*f(x); x <- x + v`` loses bits when it is inverted in floating
+point: dividing by ``g`` amplifies rounding error by ``1/g`` per block.  Here it is made exactly
+reversible instead:
+
+* ``x`` and ``v`` are fixed-point integers with ``frac_bits`` fractional bits.  Integer
+  additions (``x + v``, adding the quantised ``(1-g)*f(x)``) are reversible exactly.
+* The multiplication by ``g = n/d`` keeps the bits it would destroy in an *information buffer*
+  ``i >= 0`` per element (Maclaurin, Duvenaud & Adams, 2015).
+
+The integers are held in **float64** tensors.  Every integer of magnitude below 2**53 is exact
+in float64, and on such values ``+``, ``-``, ``*`` by a small integer and ``floor(a / b)`` are
+exact too (IEEE division is correctly rounded, and the distance from a non-integer quotient to
+the next integer, at least ``1/b``, is larger than the rounding error while ``|a| < 2**53``).
+This keeps every step a plain, vectorised floating-point kernel: no int64 division (an order of
+magnitude slower on CPUs) and no int/float conversions.  The price is range: values must stay
+below 2**52 in magnitude, which the caller checks (``range_limit``) and the buffer is spilled
+before it would outgrow 2**53 (``spill_schedule``).
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+#: Largest denominator allowed when snapping gamma to a fraction n/d.
+MAX_DENOMINATOR = 2**16
+#: Every integer below this magnitude is exact in float64.
+EXACT_LIMIT = 2**53
+
+
+def default_frac_bits(dtype: torch.dtype) -> int:
+    """Fractional bits of the fixed-point state for activations of ``dtype``.
+
+    53 bits are shared between range and resolution.  Float64 users want gradients that agree
+    with plain autograd to ~1e-8 (40 bits: resolution 9e-13, range +-4096); for float32 and
+    narrower types the float rounding of the blocks dominates anyway (30 bits: resolution
+    9e-10, range +-4.2e6).
+    """
+    return 40 if dtype == torch.float64 else 30
+
+
+def snap_gamma(gamma: float) -> Fraction:
+    """The fraction n/d (d <= 2**16) nearest to ``gamma``: the value used in every mode."""
+    return Fraction(gamma).limit_denominator(MAX_DENOMINATOR)
+
+
+def range_limit(frac_bits: int) -> float:
+    """Largest magnitude a state value may reach so that ``x + v`` stays below 2**53."""
+    return 2.0 ** (52 - frac_bits)
+
+
+def to_grid(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """``x`` rounded to the fixed-point grid ``2**-frac_bits``, as a new float64 tensor.
+
+    The position ``x`` is kept in value units on the grid: sums of grid values are exact, and
+    its float value for the blocks is a single conversion.
+    """
+    return x.to(torch.float64, copy=True).mul_(2.0**frac_bits).round_().mul_(2.0**-frac_bits)
+
+
+def to_units(x: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """``x`` as an integer number of grid units ``2**-frac_bits`` (a new float64 tensor).
+
+    The velocity is kept in units, because the exact multiplication by ``gamma`` needs
+    integers.
+    """
+    return x.to(torch.float64, copy=True).mul_(2.0**frac_bits).round_()
+
+
+def from_units(units: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The floating-point value of a tensor in grid units, in ``dtype`` (a new tensor)."""
+    return units.mul(2.0**-frac_bits).to(dtype)
+
+
+def quantise(g: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """``round(scale * g)`` into ``out`` (float64).  The same ``g`` always gives the same
+    integers, which is all that exact reversal needs; the product is computed in ``g``'s
+    dtype, like the floating-point rule."""
+    return torch.mul(g, scale, out=out).round_()
+
+
+def _divisor(value: int, like: torch.Tensor) -> float | torch.Tensor:
+    # On CUDA a Python-scalar divisor is turned into a multiplication by its reciprocal, which
+    # is not exact; a 0-dim tensor on the device keeps the true, correctly rounded division.
+    return value if like.device.type == "cpu" else torch.tensor(float(value), device=like.device)
+
+
+def mul_frac_(
+    c: torch.Tensor, i: torch.Tensor, tmp: torch.Tensor, num: int, den: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exactly ``c <- c * num / den`` with the lost bits pushed onto the buffer ``i``.
+
+    ``i <- i*den + (c mod den); c <- c div den; c <- c*num + (i mod num); i <- i div num``
+    with floor division and floor modulo throughout.  The three tensors are reused in place
+    and handed back in their new roles ``(c, i, tmp)``.  Its inverse is the same call with
+    ``num`` and ``den`` swapped.
+    """
+    if num == den:
+        return c, i, tmp
+    torch.div(c, _divisor(den, c), out=tmp).floor_()  # tmp = c div den
+    c.sub_(tmp, alpha=den)  # c = c mod den
+    torch.add(c, i, alpha=den, out=i)  # i = i*den + c mod den
+    torch.div(i, _divisor(num, i), out=c).floor_()  # c = i div num   (the new buffer)
+    i.sub_(c, alpha=num)  # i = i mod num
+    i.add_(tmp, alpha=num)  # i = (c div den)*num + i mod num   (the new value)
+    return i, c, tmp
+
+
+def spill_schedule(num: int, den: int, depth: int, limit: int = EXACT_LIMIT) -> list[bool]:
+    """For each block, whether the buffer must be pushed aside (and restarted at 0) first.
+
+    A buffer below ``b`` becomes at most ``((b-1)*den + den - 1) div num + 1`` after one
+    multiplication, and ``i*den + (c mod den)`` must stay below ``limit``.  The bound does not
+    depend on the data, so the schedule is known before the forward pass and needs no
+    reduction over the tensors.
+    """
+    schedule = []
+    bound = 0  # max possible buffer value
+    for _ in range(depth):
+        spill = bound * den + den - 1 >= limit
+        if spill:
+            bound = 0
+        schedule.append(spill)
+        bound = (bound * den + den - 1) // num
+    return schedule
+
+
+def buffer_bits_per_block(num: int, den: int) -> float:
+    """Information the buffer gains per block: ``log2(den/num)`` bits."""
+    return math.log2(den / num)

@@ -1,0 +1,105 @@
+"""Replaying a block's forward pass exactly, during the backward recompute.
+
+The memory-free backward evaluates every block a second time.  That second evaluation must
+compute the same function as the first and must leave no trace of its own:
+
+* random ops (dropout, stochastic depth) draw the same numbers: the generator state is
+  recorded before the block when the block consumed randomness, and restored inside a forked
+  generator, so the global generator is neither re-seeded nor advanced;
+* BatchNorm layers in training mode normalise with the same batch statistics but do not
+  update their running statistics (nor ``num_batches_tracked``) a second time;
+* autocast is re-entered with the forward's settings (the backward runs outside it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def _cuda_devices(device: torch.device) -> list[int]:
+    return [device.index if device.index is not None else torch.cuda.current_device()] if (
+        device.type == "cuda"
+    ) else []
+
+
+@dataclass
+class RngState:
+    """Generator states before one block; ``None`` where the block used no randomness."""
+
+    cpu: torch.Tensor
+    cuda: torch.Tensor | None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RngState:
+        devices = _cuda_devices(device)
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state(devices[0]) if devices else None)
+
+    def differs_from(self, other: RngState) -> bool:
+        if not torch.equal(self.cpu, other.cpu):
+            return True
+        return self.cuda is not None and not torch.equal(self.cuda, other.cuda)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.cpu] if self.cuda is None else [self.cpu, self.cuda]
+
+
+@contextlib.contextmanager
+def restored_rng(state: RngState | None, device: torch.device) -> Iterator[None]:
+    """Run with the generators set to ``state``, leaving the global generators untouched."""
+    if state is None:
+        yield
+        return
+    devices = _cuda_devices(device)
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.set_rng_state(state.cpu)
+        if devices:
+            torch.cuda.set_rng_state(state.cuda, devices[0])
+        yield
+
+
+@contextlib.contextmanager
+def frozen_batchnorm(module: nn.Module) -> Iterator[None]:
+    """Training-mode BatchNorm uses batch statistics but leaves its running statistics alone.
+
+    With ``track_running_stats`` off, ``_BatchNorm.forward`` (and SyncBatchNorm's) neither
+    increments ``num_batches_tracked`` nor passes the running buffers to ``F.batch_norm``, while
+    still normalising with the batch statistics: the same output and gradient, no update.
+    """
+    frozen = [
+        m for m in module.modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
+    for m in frozen:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in frozen:
+            m.track_running_stats = True
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """Autocast settings of the forward pass, for the CPU and the input's device type."""
+
+    settings: tuple[tuple[str, bool, torch.dtype], ...]
+
+    @classmethod
+    def capture(cls, device: torch.device) -> AutocastState:
+        types = sorted({"cpu", device.type})
+        return cls(tuple(
+            (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types
+        ))
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for device_type, enabled, dtype in self.settings:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            yield

@@ -1,0 +1,143 @@
+"""``MomentumNet``: a stage of residual blocks turned into a Momentum ResNet.
+
+    v_{n+1} = gamma v_n + (1 - gamma) f_n(x_n)
+    x_{n+1} = x_n + v_{n+1}
+
+The update is invertible in closed form, so training does not need to store activations: the
+memory-free backward (``_backprop``) rebuilds them from the output, bit-exactly (``_exact``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from . import _exact
+from ._backprop import MomentumFunction, build_stage, evaluate
+
+
+class MomentumNet(nn.Module):
+    """A momentum residual stage over ``functions``.
+
+    Args:
+        functions: the blocks ``f_n`` (modules), each mapping ``x`` to a tensor of its shape.
+        gamma: momentum in ``[0, 1]``; snapped to the nearest fraction ``n/d`` with
+            ``d <= 2**16`` (``self.gamma``, ``self.gamma_fraction``), used in every mode.
+            ``gamma=0`` is exactly a ResNet.
+        residual: ``True`` if each ``f_n`` is a residual branch; ``False`` if it is a whole
+            block with its own skip connection, in which case the rule uses ``f_n(x) - x``.
+        memory_efficient: backpropagate without storing activations (needs ``gamma > 0``).
+            ``False`` is plain autograd through the same rule.
+        exact: rebuild activations bit-exactly with fixed-point arithmetic; ``False``
+            inverts in floating point (faster, but the error grows like ``gamma**-depth``).
+        init_velocity: ``None`` for ``v_0 = 0``, or a module ``phi`` with ``v_0 = phi(x_0)``.
+        frac_bits: fractional bits of the exact fixed-point state; values must stay below
+            ``2**(52 - frac_bits)`` in magnitude.  ``None``: 30 (range +-4.2e6) for float32
+            and narrower activations, 40 (range +-4096) for float64.
+
+    Calling ``net(x, *args, return_velocity=False, **kwargs)`` passes ``args``/``kwargs`` to
+    every block and returns ``x_N`` (or ``(x_N, v_N)``).
+    """
+
+    def __init__(
+        self,
+        functions: Iterable[nn.Module],
+        gamma: float = 0.9,
+        *,
+        residual: bool = True,
+        memory_efficient: bool = True,
+        exact: bool = True,
+        init_velocity: nn.Module | None = None,
+        frac_bits: int | None = None,
+    ) -> None:
+        super().__init__()
+        functions = list(functions)
+        if not functions:
+            raise ValueError("momres: MomentumNet needs at least one block.")
+        for n, f in enumerate(functions):
+            if not isinstance(f, nn.Module):
+                raise TypeError(
+                    f"momres: block {n} is a {type(f).__name__}, not an nn.Module; wrap plain "
+                    "functions in a module so that their parameters can be found."
+                )
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+            raise ValueError(f"momres: gamma must be a number in [0, 1], got {gamma!r}.")
+        fraction = _exact.snap_gamma(float(gamma))
+        if memory_efficient and fraction == 0:
+            raise ValueError(
+                "momres: gamma=0 is a plain ResNet, which is not invertible, so it cannot be "
+                "trained memory-free. Use memory_efficient=False, or gamma > 0."
+            )
+        if frac_bits is not None and not 1 <= frac_bits <= 50:
+            raise ValueError(f"momres: frac_bits must be in [1, 50], got {frac_bits}.")
+        self.functions = nn.ModuleList(functions)
+        self.gamma_fraction = (fraction.numerator, fraction.denominator)
+        self.residual = residual
+        self.memory_efficient = memory_efficient
+        self.exact = exact
+        self.init_velocity = init_velocity
+        self.frac_bits = frac_bits
+
+    @property
+    def gamma(self) -> float:
+        """The momentum actually used: ``n / d`` of ``gamma_fraction``."""
+        num, den = self.gamma_fraction
+        return num / den
+
+    def extra_repr(self) -> str:
+        num, den = self.gamma_fraction
+        return (f"gamma={num}/{den}, residual={self.residual}, "
+                f"memory_efficient={self.memory_efficient}, exact={self.exact}")
+
+    def forward(
+        self, x: torch.Tensor, *args, return_velocity: bool = False, **kwargs
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError("momres: MomentumNet expects a floating-point tensor x.")
+        v = torch.zeros_like(x) if self.init_velocity is None else self.init_velocity(x)
+        if v.shape != x.shape:
+            raise ValueError(
+                f"momres: init_velocity maps x of shape {tuple(x.shape)} to {tuple(v.shape)}; "
+                "the initial velocity must have the shape of x."
+            )
+        if self.memory_efficient and torch.is_grad_enabled():
+            num, den = self.gamma_fraction
+            stage, params, tensors = build_stage(
+                list(self.functions), self.residual, num, den, self.exact,
+                self.frac_bits or _exact.default_frac_bits(x.dtype), args, kwargs,
+            )
+            if x.requires_grad or v.requires_grad or params or any(
+                t.requires_grad for t in tensors
+            ):
+                x, v = MomentumFunction.apply(stage, x, v, *params, *tensors)
+                return (x, v) if return_velocity else x
+        x, v = self._forward_autograd(x, v, args, kwargs)
+        return (x, v) if return_velocity else x
+
+    def _forward_autograd(self, x, v, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rule itself, differentiated (if at all) by plain autograd."""
+        gamma = self.gamma
+        for n, f in enumerate(self.functions):
+            g = evaluate(n, f, x, args, kwargs, self.residual)
+            v = v.mul(gamma).add(g, alpha=1 - gamma)
+            x = x + v
+        return x, v
+
+    def inverse(
+        self, x: torch.Tensor, v: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_0, v_0)`` from ``(x_N, v_N)`` by the closed-form inverse, in floating point.
+
+        Approximate: rounding errors grow like ``gamma**-depth``.  The memory-free backward
+        does not use it (it inverts exactly in fixed point).
+        """
+        gamma = self.gamma
+        if gamma == 0:
+            raise ValueError("momres: gamma=0 is not invertible.")
+        for n in reversed(range(len(self.functions))):
+            x = x - v
+            g = evaluate(n, self.functions[n], x, args, kwargs, self.residual)
+            v = (v - (1 - gamma) * g) / gamma
+        return x, v
