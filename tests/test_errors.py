@@ -1,0 +1,95 @@
+"""Every refusal is a clear error that names the problem and the remedy."""
+
+import pytest
+import torch
+from torch import nn
+
+import momres
+
+
+def blocks(depth: int = 3) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Linear(4, 4) for _ in range(depth)]
+
+
+@pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan"), "0.9", True])
+def test_gamma_outside_unit_interval(gamma):
+    with pytest.raises(ValueError, match=r"gamma must be a number in \[0, 1\]"):
+        momres.MomentumNet(blocks(), gamma)
+
+
+def test_gamma_zero_memory_free_names_the_remedy():
+    with pytest.raises(ValueError, match="memory_efficient=False"):
+        momres.MomentumNet(blocks(), 0.0)
+    momres.MomentumNet(blocks(), 0.0, memory_efficient=False)  # accepted
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_block_changing_shape_names_block_and_shapes(memory_efficient):
+    net = momres.MomentumNet([nn.Linear(4, 4), nn.Linear(4, 5)], 0.9,
+                             memory_efficient=memory_efficient)
+    with pytest.raises(ValueError, match=r"block 1 \(Linear\).*\(2, 4\) to \(2, 5\)"):
+        net(torch.randn(2, 4, requires_grad=True))
+
+
+def test_not_a_module_and_empty_and_integer_input():
+    with pytest.raises(TypeError, match="block 1 is a builtin_function_or_method, not an nn.Module"):
+        momres.MomentumNet([nn.Linear(4, 4), torch.tanh])
+    with pytest.raises(ValueError, match="at least one block"):
+        momres.MomentumNet([])
+    with pytest.raises(TypeError, match="floating-point"):
+        momres.MomentumNet(blocks())(torch.ones(2, 4, dtype=torch.long))
+
+
+def test_double_backward_is_refused():
+    net = momres.MomentumNet(blocks(), 0.9)
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward.*memory_efficient=False"):
+        torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+
+
+def test_fixed_point_overflow_names_the_remedies():
+    net = momres.MomentumNet(blocks(), 0.9)
+    with pytest.raises(OverflowError, match="frac_bits.*exact=False"):
+        net(torch.full((2, 4), 1e7, requires_grad=True))
+    # Fewer fractional bits buy range.
+    momres.MomentumNet(blocks(), 0.9, frac_bits=20)(torch.full((2, 4), 1e7, requires_grad=True))
+
+
+def test_non_finite_block_output():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x / 0
+
+    with pytest.raises(FloatingPointError, match="block 0 returned non-finite"):
+        momres.MomentumNet([Bad()], 0.9)(torch.ones(2, 4, requires_grad=True))
+
+
+def test_non_deterministic_block_fails_the_self_check():
+    class Noisy(nn.Module):
+        """Draws from a private generator the replay cannot know about."""
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.gen = torch.Generator().manual_seed(0)
+
+        def forward(self, x):
+            return self.lin(x) + 1e-3 * torch.randn(x.shape, generator=self.gen)
+
+    net = momres.MomentumNet([Noisy() for _ in range(3)], 0.9)
+    out = net(torch.randn(2, 4, requires_grad=True))
+    with pytest.raises(RuntimeError, match="did not rebuild the forward's exact state"):
+        out.sum().backward()
+
+
+def test_in_place_modification_of_the_input_is_refused():
+    net = momres.MomentumNet([nn.ReLU(inplace=True)], 0.9, exact=False)
+    with pytest.raises(RuntimeError, match="modified its input in place"):
+        net(torch.randn(2, 4, requires_grad=True))
+
+
+def test_init_velocity_of_wrong_shape():
+    net = momres.MomentumNet(blocks(), 0.9, init_velocity=nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="initial velocity must have the shape of x"):
+        net(torch.randn(2, 4))

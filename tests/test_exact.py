@@ -1,0 +1,78 @@
+"""The exact arithmetic against a reference written with Python integers."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from momres import _exact
+
+LIMIT = 2**51
+
+
+def reference_mul(c: int, i: int, num: int, den: int) -> tuple[int, int]:
+    """DESIGN.md's multiplication c <- c*num/den with floor division and floor modulo."""
+    i = i * den + c % den
+    c //= den
+    c = c * num + i % num
+    i //= num
+    return c, i
+
+
+fractions = st.tuples(st.integers(1, 2**16), st.integers(1, 2**16)).map(
+    lambda t: (min(t), max(t))
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    frac=fractions,
+    values=st.lists(st.integers(-LIMIT, LIMIT), min_size=1, max_size=16),
+    buffers=st.lists(st.integers(0, 2**30), min_size=16, max_size=16),
+)
+def test_multiply_matches_integer_reference_and_reverses(frac, values, buffers):
+    num, den = frac
+    buffers = buffers[: len(values)]
+    c = torch.tensor(values, dtype=torch.float64)
+    i = torch.tensor(buffers, dtype=torch.float64)
+    c2, i2, tmp = _exact.mul_frac_(c.clone(), i.clone(), torch.empty_like(c), num, den)
+    expected = [reference_mul(v, b, num, den) for v, b in zip(values, buffers, strict=True)]
+    assert [int(x) for x in c2.tolist()] == [e[0] for e in expected]
+    assert [int(x) for x in i2.tolist()] == [e[1] for e in expected]
+    # The same call with num and den swapped is the exact inverse.
+    c3, i3, _ = _exact.mul_frac_(c2, i2, tmp, den, num)
+    assert torch.equal(c3, c) and torch.equal(i3, i)
+
+
+@settings(max_examples=50, deadline=None)
+@given(frac=fractions, depth=st.integers(1, 400))
+def test_spill_schedule_keeps_buffer_exact(frac, depth):
+    """Driving the worst case (largest remainders) through the schedule never leaves 2**53."""
+    num, den = frac
+    bound = 0
+    for spill in _exact.spill_schedule(num, den, depth):
+        if spill:
+            bound = 0
+        assert bound * den + den - 1 < _exact.EXACT_LIMIT
+        bound = (bound * den + den - 1) // num
+
+
+def test_spills_happen_and_depth_is_unlimited():
+    schedule = _exact.spill_schedule(1, 20, 1000)  # gamma = 0.05: 4.3 bits per block
+    assert 50 < sum(schedule) < 120
+    assert not any(_exact.spill_schedule(9, 10, 300))  # 0.15 bits per block fit in one word
+
+
+def test_snap_gamma_and_buffer_growth():
+    assert _exact.snap_gamma(0.9) == _exact.snap_gamma(0.9000001)
+    assert _exact.snap_gamma(0.9).denominator == 10
+    assert _exact.snap_gamma(0.123456789).denominator <= 2**16
+    assert abs(_exact.buffer_bits_per_block(9, 10) - 0.152) < 1e-3
+
+
+def test_grid_and_units_round_trip():
+    x = torch.randn(1000, dtype=torch.float64) * 100
+    k = 30
+    grid = _exact.to_grid(x, k)
+    assert (grid - x).abs().max() <= 2.0 ** (-k - 1)
+    assert torch.equal(_exact.from_units(_exact.to_units(grid, k), k, torch.float64), grid)
+    assert torch.equal(_exact.to_units(grid, k), grid * 2.0**k)

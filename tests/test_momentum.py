@@ -1,0 +1,209 @@
+"""MomentumNet: the memory-free backward against plain autograd through the same rule."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import momres
+from momres import _backprop
+
+
+def mlp(width: int = 6, hidden: int = 12) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, width))
+
+
+def stack(depth: int, seed: int = 0, dtype=torch.float64) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    return [mlp().to(dtype) for _ in range(depth)]
+
+
+def gradients(net: nn.Module, x: torch.Tensor, *args, **kwargs) -> list[torch.Tensor]:
+    """Gradients of a fixed scalar loss w.r.t. x and every parameter (zeros where unused)."""
+    x = x.detach().requires_grad_()
+    out, v = net(x, *args, return_velocity=True, **kwargs)
+    loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).square().sum()
+    loss = loss + v.sum()
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip([x, *params], grads)]
+
+
+def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    a, b = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
+    return ((a - b).norm() / b.norm()).item()
+
+
+def pair(functions, gamma, **options):
+    """The memory-free net and its plain-autograd twin over the same blocks."""
+    return (momres.MomentumNet(functions, gamma, **options),
+            momres.MomentumNet(functions, gamma, memory_efficient=False,
+                               **{k: v for k, v in options.items() if k != "exact"}))
+
+
+@pytest.mark.parametrize("gamma", [0.99, 0.9, 0.5, 0.2, 0.05])
+@pytest.mark.parametrize("depth", [1, 7, 64, 256])
+def test_exact_gradients_match_autograd(gamma, depth):
+    fast, plain = pair(stack(depth), gamma)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert relative_error(gradients(fast, x), gradients(plain, x)) <= 1e-6
+
+
+def test_float_mode_gradients_match_at_moderate_depth():
+    fast, plain = pair(stack(8), 0.9, exact=False)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert relative_error(gradients(fast, x), gradients(plain, x)) <= 1e-9
+
+
+def test_float_mode_drifts_where_exact_mode_does_not():
+    """The reason exact mode exists: float inversion amplifies rounding by 1/gamma per block."""
+    blocks = stack(64, dtype=torch.float32)
+    x = torch.randn(5, 6)
+    reference = gradients(momres.MomentumNet(blocks, 0.5, memory_efficient=False), x)
+    drift = relative_error(gradients(momres.MomentumNet(blocks, 0.5, exact=False), x), reference)
+    exact = relative_error(gradients(momres.MomentumNet(blocks, 0.5), x), reference)
+    assert exact < 1e-4 and drift > 100 * exact
+
+
+def test_gradcheck_small_stack_with_argument_and_velocity():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = mlp().double()
+
+        def forward(self, x, c, *, shift):
+            return self.inner(x) * c + shift
+
+    torch.manual_seed(1)
+    net = momres.MomentumNet([Scaled() for _ in range(4)], 0.6,
+                             init_velocity=nn.Linear(6, 6).double())
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    c = torch.rand(3, 6, dtype=torch.float64, requires_grad=True)
+    shift = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, c, s: net(x, c, shift=s), (x, c, shift))
+
+
+def test_state_is_rebuilt_bit_exactly_with_spills():
+    """The integer state rebuilt in the backward equals the forward's at every block."""
+    depth = 600
+    net = momres.MomentumNet(stack(depth, dtype=torch.float32), 0.05)
+    x = torch.randn(4, 6, requires_grad=True)
+    with _backprop.record_states() as log:
+        net(x).sum().backward()
+    assert sorted(log["forward"]) == sorted(log["backward"]) == list(range(depth))
+    for n in range(depth):
+        for fwd, bwd in zip(log["forward"][n], log["backward"][n], strict=True):
+            assert torch.equal(fwd, bwd), f"block {n}"
+    # gamma = 0.05 adds 4.3 bits per block: the buffer was spilled many times on the way.
+    assert sum(momres._exact.spill_schedule(1, 20, depth)) > 30
+
+
+def test_shared_weights_frozen_parameters_and_inputs_without_grad():
+    torch.manual_seed(0)
+    shared = mlp().double()
+    frozen = mlp().double().requires_grad_(False)
+    blocks = [shared] * 5 + [frozen, mlp().double()]
+    fast, plain = pair(blocks, 0.8)
+    x = torch.randn(4, 6, dtype=torch.float64)  # no grad
+    for net in (fast, plain):
+        for p in net.parameters():
+            p.grad = None
+        net(x).square().sum().backward()
+    grads_fast = [p.grad.clone() for p in fast.parameters() if p.requires_grad]
+    for p in plain.parameters():
+        p.grad = None
+    plain(x).square().sum().backward()
+    grads_plain = [p.grad for p in plain.parameters() if p.requires_grad]
+    assert relative_error(grads_fast, grads_plain) <= 1e-9
+    assert all(p.grad is None for p in frozen.parameters())
+
+
+def test_init_velocity_is_trained_through_the_same_backward():
+    torch.manual_seed(0)
+    phi = nn.Linear(6, 6).double()
+    fast, plain = pair(stack(6), 0.9, init_velocity=phi)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert relative_error(gradients(fast, x), gradients(plain, x)) <= 1e-9
+    assert any(p is phi.weight for p in fast.parameters())
+
+
+def test_tensor_arguments_receive_gradients():
+    """A decoder's encoder memory (a kwarg needing grad) gets plain autograd's gradient."""
+
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(6, 6).double()
+
+        def forward(self, x, memory, scale=1.0):
+            attention = torch.softmax(self.q(x) @ memory.T * scale, dim=-1)
+            return attention @ memory
+
+    torch.manual_seed(0)
+    blocks = [Attend() for _ in range(5)]
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for me in (True, False):
+        net = momres.MomentumNet(blocks, 0.7, memory_efficient=me)
+        out = net(x, memory=memory, scale=0.5)
+        results.append(torch.autograd.grad(out.square().sum(), [x, memory]))
+    assert relative_error(results[0], results[1]) <= 1e-9
+
+
+def test_residual_false_at_gamma_zero_is_the_plain_stack():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):  # a block with its own skip connection
+        def __init__(self):
+            super().__init__()
+            self.f = mlp().double()
+
+        def forward(self, x):
+            return torch.relu(x + self.f(x))
+
+    blocks = [Block() for _ in range(6)]
+    x = torch.randn(4, 6, dtype=torch.float64)
+    net = momres.MomentumNet(blocks, 0.0, residual=False, memory_efficient=False)
+    assert torch.allclose(net(x), nn.Sequential(*blocks)(x), rtol=0, atol=1e-12)
+
+
+def test_return_velocity_inverse_and_gamma_snapping():
+    net = momres.MomentumNet(stack(10), 0.9)
+    assert net.gamma_fraction == (9, 10) and net.gamma == 0.9
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        x_n, v_n = net(x, return_velocity=True)
+        x_0, v_0 = net.inverse(x_n, v_n)
+    assert torch.allclose(x_0, x, atol=1e-9) and v_0.abs().max() < 1e-9
+
+
+def test_no_grad_stores_nothing_and_all_modes_agree():
+    blocks = stack(12)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        reference = momres.MomentumNet(blocks, 0.9, memory_efficient=False)(x)
+        fast = momres.MomentumNet(blocks, 0.9)(x)
+    assert fast.grad_fn is None and torch.equal(fast, reference)
+    for exact in (True, False):
+        out = momres.MomentumNet(blocks, 0.9, exact=exact)(x)
+        assert torch.allclose(out, reference, atol=1e-10)
+
+
+def test_retain_graph_backward_twice():
+    net = momres.MomentumNet(stack(8), 0.5)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    out = net(x).square().sum()
+    first = torch.autograd.grad(out, x, retain_graph=True)[0]
+    second = torch.autograd.grad(out, x)[0]
+    assert torch.equal(first, second)
+
+
+def test_deepcopy_and_state_dict():
+    net = momres.MomentumNet(stack(3), 0.9)
+    clone = copy.deepcopy(net)
+    clone.load_state_dict(net.state_dict())
+    x = torch.randn(2, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(clone(x), net(x))

@@ -1,0 +1,106 @@
+"""Train mode replayed exactly: BatchNorm statistics, dropout, autocast."""
+
+import pytest
+import torch
+from torch import nn
+
+import momres
+
+
+def conv_block(dropout: float = 0.0) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Dropout(dropout), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+    )
+
+
+def train_step(memory_efficient: bool, dtype=torch.float64, seed: int = 0, **options):
+    """One training step from identical weights and RNG state; what it leaves behind."""
+    torch.manual_seed(0)
+    blocks = [conv_block(dropout=0.3).to(dtype) for _ in range(6)]
+    net = momres.MomentumNet(blocks, 0.8, memory_efficient=memory_efficient, **options).train()
+    x = torch.randn(8, 4, 6, 6, dtype=dtype, requires_grad=True)
+    torch.manual_seed(seed)
+    net(x).square().mean().backward()
+    return {
+        "grads": [x.grad] + [p.grad for p in net.parameters()],
+        "buffers": [b.clone() for b in net.buffers()],
+        "rng": torch.get_rng_state(),
+    }
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_batchnorm_and_dropout_match_plain_autograd(exact):
+    fast, plain = train_step(True, exact=exact), train_step(False)
+    for a, b in zip(fast["grads"], plain["grads"], strict=True):
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-10)
+    # Running statistics and num_batches_tracked were updated once, as in plain autograd (the
+    # exact mode feeds the blocks x rounded to its 2**-40 grid, hence the tiny tolerance).
+    for a, b in zip(fast["buffers"], plain["buffers"], strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12) and a.dtype == b.dtype
+    counts = [b for b in fast["buffers"] if b.dtype == torch.long]
+    assert len(counts) == 12 and all(c.item() == 1 for c in counts)
+    updated = momres.MomentumNet([conv_block()], 0.8).train()
+    assert not torch.equal(plain["buffers"][0], updated.functions[0][1].running_mean)
+    # The replay forked the generator: the global stream is where plain autograd left it.
+    assert torch.equal(fast["rng"], plain["rng"])
+
+
+def test_dropout_masks_are_really_replayed():
+    """Different seeds give different gradients, so equality above is not an accident."""
+    a, b = train_step(True, seed=0), train_step(True, seed=1)
+    assert not torch.allclose(a["grads"][0], b["grads"][0])
+
+
+def test_float32_conv_stage_with_batchnorm():
+    torch.manual_seed(0)
+    blocks = [conv_block() for _ in range(16)]
+    x = torch.randn(8, 4, 6, 6)
+    grads = []
+    for me in (True, False):
+        net = momres.MomentumNet(blocks, 0.9, memory_efficient=me)
+        xr = x.clone().requires_grad_()
+        net(xr).square().mean().backward()
+        grads.append(torch.cat([xr.grad.flatten()] + [p.grad.flatten() for p in blocks[0].parameters()]))
+        for p in net.parameters():
+            p.grad = None
+    # float32 arithmetic in both: agreement to a few float32 ulps of the gradient's scale.
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 1e-4
+
+
+def test_autocast_bfloat16_on_cpu_matches_plain_autograd_under_autocast():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(8)]
+    x = torch.randn(4, 16)
+    grads = []
+    for me in (True, False):
+        net = momres.MomentumNet(blocks, 0.9, memory_efficient=me)
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(xr)
+        out.float().square().mean().backward()
+        grads.append(torch.cat([xr.grad.flatten(), blocks[0][0].weight.grad.flatten()]))
+        for p in net.parameters():
+            p.grad = None
+    # Agreement at bfloat16's resolution (2**-8): the blocks see x rounded to the exact grid,
+    # which can flip bf16 roundings, so bit-equality is not expected.
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 5e-3
+
+
+def test_recompute_runs_under_the_forward_autocast_state():
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return self.lin(x)
+
+    net = momres.MomentumNet([Probe(), Probe()], 0.9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 8, requires_grad=True))
+    out.float().sum().backward()  # outside autocast, like a training loop
+    assert seen == [(True, torch.bfloat16)] * 4  # two forwards, two recomputes
