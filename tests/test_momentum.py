@@ -25,9 +25,9 @@ def gradients(net: nn.Module, x: torch.Tensor, *args, **kwargs) -> list[torch.Te
     out, v = net(x, *args, return_velocity=True, **kwargs)
     loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).square().sum()
     loss = loss + v.sum()
-    params = [p for p in net.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for t, g in zip([x, *params], grads)]
+    wrt = [x, *(p for p in net.parameters() if p.requires_grad)]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads, strict=True)]
 
 
 def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -61,7 +61,8 @@ def test_float32_conv_stage_with_batchnorm():
         net = momres.MomentumNet(blocks, 0.9, memory_efficient=me)
         xr = x.clone().requires_grad_()
         net(xr).square().mean().backward()
-        grads.append(torch.cat([xr.grad.flatten()] + [p.grad.flatten() for p in blocks[0].parameters()]))
+        first = [p.grad.flatten() for p in blocks[0].parameters()]
+        grads.append(torch.cat([xr.grad.flatten(), *first]))
         for p in net.parameters():
             p.grad = None
     # float32 arithmetic in both: agreement to a few float32 ulps of the gradient's scale.
