@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +105,30 @@ def stage_records(
                 "saved_mib": saved / MIB, "saved_bytes_per_element": saved / x.numel(),
             })
     return records
+
+
+def peak_rss_mib(system: str, depth: int, batch: int = 32, channels: int = 32,
+                 size: int = 16) -> float:
+    """Peak resident memory (MiB) of a fresh process after one training step of a conv stage.
+
+    A separate process per configuration: the peak of one process says nothing about the next
+    configuration once memory has been touched.  glibc is told to map every allocation above
+    64 KiB on its own, so that freed tensors leave the process at once and the peak follows
+    the live tensors instead of the heap's fragmentation.  Compare differences between
+    depths, not absolute values (they include the interpreter and torch itself).
+    """
+    code = (f"from momres.bench import _peak_rss_child; "
+            f"_peak_rss_child({system!r}, {depth}, {batch}, {channels}, {size})")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env=env)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_child(system: str, depth: int, batch: int, channels: int, size: int) -> None:
+    model = conv_stage(system, depth, channels)
+    step_time(model, torch.randn(batch, channels, size, size))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
 
 
 def format_table(records: list[dict]) -> str:
