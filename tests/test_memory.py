@@ -19,9 +19,19 @@ def test_memory_free_is_constant_in_depth_and_plain_grows_linearly():
     # Plain autograd keeps about four activations per block: linear growth.
     assert 15.5 < saved["plain", 128] / saved["plain", 8] < 16.5
     element = x.numel()
-    # Exact mode keeps x, v and the buffer as float64 (24 bytes an element) plus checksums.
-    assert 24 * element <= saved["momres-exact", 8] <= 24 * element + 1024
+    # Exact mode keeps the float32 output, an int32 remainder, v and the buffer as float64
+    # (24 bytes an element) plus two checksums; float mode keeps its two float32 outputs.
+    assert 24 * element <= saved["momres-exact", 8] <= 24 * element + 64
     assert saved["momres-float", 8] == 8 * element
+
+
+def test_exact_state_costs_20_bytes_when_the_next_layer_keeps_the_output():
+    """The output is stored once, by whichever layer keeps it: the stage adds 20 bytes."""
+    x = torch.randn(4, 32, 8, 8, requires_grad=True)
+    head = nn.Conv2d(32, 8, 3)  # keeps its input, the stage's output
+    alone = momres.activation_memory(head, x)
+    combined = momres.activation_memory(nn.Sequential(conv_stage("momres-exact", 16), head), x)
+    assert 20 * x.numel() <= combined - alone <= 20 * x.numel() + 64
 
 
 def test_counts_each_storage_once_and_skips_parameters():

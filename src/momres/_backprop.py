@@ -197,8 +197,11 @@ class MomentumFunction(torch.autograd.Function):
                 V.add_(_exact.quantise(g, scale, out=tmp))
                 X.add_(V, alpha=unit)
             _check_range(stage, x0, v0, gmax)
-            x_out, v_out = X.to(dtype, copy=True), _exact.from_units(V, k, dtype)
-            state = [X, V, buf, checksum, *spilled]
+            x_out, remainder = _exact.split_grid(X, k, dtype)
+            v_out = _exact.from_units(V, k, dtype)
+            ctx.has_remainder = remainder is not None
+            state = [x_out, *([remainder] if ctx.has_remainder else []), V, buf, checksum,
+                     *spilled]
         else:
             gamma = stage.gamma
             X, V = x0.detach().clone(), v0.detach().clone()
@@ -246,8 +249,13 @@ class MomentumFunction(torch.autograd.Function):
         if stage.exact:
             k, num, den = stage.frac_bits, stage.num, stage.den
             scale, unit = (1 - gamma) * 2.0**k, 2.0**-k
-            X, V, buf, checksum = (t.clone() for t in state[:4])
-            spilled = list(state[4:])
+            if ctx.has_remainder:
+                X = _exact.join_grid(state[0], state[1], k)
+                state = state[2:]
+            else:
+                X, state = _exact.join_grid(state[0], None, k), state[1:]
+            V, buf = state[0].clone(), state[1].clone()
+            checksum, spilled = state[2], list(state[3:])
             tmp = torch.empty_like(X)
             schedule = _exact.spill_schedule(num, den, len(stage.functions))
             leftovers = []
