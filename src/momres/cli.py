@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "demo": "demo",
     "bench": "bench",
+    "train": "train",
 }
 
 

@@ -1,0 +1,590 @@
+"""Train or fine-tune an image classifier, ResNet or Momentum ResNet.
+
+The conventions of torchvision's reference scripts: SGD with momentum and weight decay, a step
+or cosine learning-rate schedule stepped once per epoch, ``--batch-size`` per process, and
+``torchrun`` for multi-GPU and multi-node runs (DistributedDataParallel with a
+DistributedSampler; rank 0 alone logs and writes files).
+
+The output folder ``--out`` holds ``config.json``, ``metrics.jsonl`` (one JSON object per epoch),
+``curves.png``, ``checkpoint.pt`` (after every epoch), ``best.pt`` (best test accuracy) and, at
+the end, ``summary.json``. Every file is written atomically (temporary file, then rename).
+
+Memory, ``peak_memory_mib``: on CUDA, ``torch.cuda.max_memory_allocated`` over the epoch. On CPU,
+which has no allocator counter, the bytes of the parameters, buffers and optimizer state plus the
+peak of (allocations - frees) that ``torch.profiler`` traces during the epoch's first training
+step. ``activation_memory_mib``: bytes autograd saves for backward in one training forward pass
+(:func:`momres.activation_memory`), on every device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import pickle
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from itertools import accumulate, chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from . import __version__
+from .data import DATASETS, ImageData, load_dataset
+from .memory import activation_memory
+
+MIB = 2**20
+_IMAGENET_NAMES = {f"resnet{depth}" for depth in (18, 34, 50, 101, 152)}  # accept ``stem``
+SCHEDULES = ("step", "cosine")
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Config:
+    """One training run: the options of ``momres train``."""
+
+    out: Path
+    dataset: str = "digits"
+    model: str = "mresnet20"
+    data_dir: Path | None = None
+    download: bool = False
+    gamma: float = 0.9
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    milestones: list[int] | None = None  # step schedule; default: 1/2 and 3/4 of the epochs
+    lr_decay: float = 0.1
+    amp: str | None = None  # "bfloat16" or "float16" autocast
+    memory_efficient: bool = True
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None  # default: 4 on CUDA, 0 on CPU (the data sets live in memory)
+    resume: bool = False
+    init_from: Path | None = None
+    progress: bool = True  # tqdm bars (rank 0 only)
+
+    def check(self) -> None:
+        """Raise a clear error for settings that cannot work."""
+        if self.dataset not in DATASETS:
+            raise ValueError(f"momres: unknown data set {self.dataset!r}; choose one of "
+                             f"{', '.join(DATASETS)}.")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"momres: --{name.replace('_', '-')} must be at least 1.")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("momres: need --lr > 0, --weight-decay >= 0, 0 <= --momentum < 1.")
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"momres: --gamma must be in [0, 1], got {self.gamma}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"momres: unknown --schedule {self.schedule!r}; choose step or "
+                             "cosine.")
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise ValueError(f"momres: --amp takes bfloat16 or float16, not {self.amp!r}.")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and every CUDA device) generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(name: str, data: ImageData, *, gamma: float, memory_efficient: bool) -> nn.Module:
+    """A registry model (``momres.models``) shaped for ``data``."""
+    from . import models
+
+    if name not in models.list_models():
+        raise ValueError(f"momres: unknown model {name!r}; choose one of "
+                         f"{', '.join(models.list_models())}.")
+    options = {"num_classes": data.num_classes, "in_channels": data.in_channels,
+               "gamma": gamma, "memory_efficient": memory_efficient}
+    if data.small_images and name.removeprefix("m") in _IMAGENET_NAMES:
+        options["stem"] = "cifar"  # a 3x3 stride-1 first convolution and no max-pool
+    return models.create_model(name, **options)
+
+
+def load_pretrained(model: nn.Module, path: Path) -> list[str]:
+    """Load a torchvision-format ResNet state dict, or a momres checkpoint, into ``model``.
+
+    A classifier head of another shape (another number of classes) is left at its fresh
+    initialisation. So is a first convolution of another shape (``stem="cifar"``), except one
+    over RGB loaded into a grey-image model: that one is summed over its input channels.
+    Returns the names of the entries left fresh.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"momres: --init-from {path}: no such file.") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ValueError(f"momres: --init-from {path} is not a PyTorch state dict or momres "
+                         f"checkpoint ({error}).") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a momres checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"momres: --init-from {path} holds no state dict (name -> tensor).")
+    state = {key.removeprefix("module."): value for key, value in state.items()}  # saved by DDP
+    own = model.state_dict()
+    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    conv = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    head, stem = linear[-1:], conv[:1]
+    fresh = []
+    for key, value in list(state.items()):
+        if key not in own or own[key].shape == value.shape:
+            continue
+        grey = value.dim() == 4 and own[key].shape[1] == 1 and (
+            own[key].shape[0], *own[key].shape[2:]) == (value.shape[0], *value.shape[2:])
+        if stem and key == f"{stem[0]}.weight" and grey:
+            state[key] = value.sum(1, keepdim=True)  # a grey image is R = G = B
+        elif (head and key.startswith(head[0] + ".")) or (stem and key == f"{stem[0]}.weight"):
+            fresh.append(key)
+            del state[key]
+        else:
+            raise ValueError(
+                f"momres: --init-from {path}: {key} has shape {tuple(value.shape)} there but "
+                f"{tuple(own[key].shape)} in the model; choose the --model it was trained as."
+            )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if key not in fresh]
+    if missing or unexpected:
+        raise ValueError(
+            f"momres: --init-from {path} does not fit the model: {len(missing)} entries missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). Use a "
+            "torchvision ResNet state dict with the matching --model (resnet50 for mresnet50...)."
+        )
+    return fresh
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(temporary_path)``, then rename it to ``path``: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def traced_peak_bytes(step: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``step()`` under torch.profiler: its result and the peak of (allocated - freed) bytes.
+
+    This sees every CPU tensor allocation of the thread, with its size, in order; the peak is
+    relative to the memory in use when ``step`` starts.
+    """
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # else kineto logs every start and stop
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        result = step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return result, max(0, max(accumulate(e.nbytes() for e in events), default=0))
+
+
+def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+class Trainer:
+    """One training run: ``Trainer(config).fit()``, or ``run_epoch(e)`` one epoch at a time."""
+
+    def __init__(self, config: Config) -> None:
+        config.check()
+        self.config = config
+        self.rank, self.world_size, self.device = _distributed(config.device)
+        self.main = self.rank == 0
+        self.out = Path(config.out)
+        if self.main:
+            _prepare_out(self.out, config.resume)
+        if config.amp == "float16" and self.device.type != "cuda":
+            raise ValueError("momres: --amp float16 needs CUDA; on CPU use --amp bfloat16.")
+        self.amp_dtype = AMP_DTYPES.get(config.amp) if config.amp else None
+
+        seed_everything(config.seed)
+        self.data = load_dataset(config.dataset, config.data_dir, download=config.download)
+        model = build_model(config.model, self.data, gamma=config.gamma,
+                            memory_efficient=config.memory_efficient)
+        if config.init_from is not None:
+            fresh = load_pretrained(model, Path(config.init_from))
+            self.log(f"momres: initialised from {config.init_from}"
+                     + (f"; new {', '.join(fresh)}" if fresh else ""))
+        self.model = model.to(self.device)
+        self.net = self.model
+        if self.world_size > 1:
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            torch.manual_seed(config.seed + self.rank)  # different augmentations per process
+
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
+                                         momentum=config.momentum,
+                                         weight_decay=config.weight_decay)
+        if config.schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                                        config.epochs)
+        else:
+            milestones = config.milestones or [config.epochs // 2, config.epochs * 3 // 4]
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones,
+                                                                  config.lr_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "float16")
+        self.train_loader, self.test_loader = self._loaders()
+
+        self.start_epoch, self.best_accuracy, self.records = 0, -1.0, []
+        if config.resume:
+            self._restore()
+        self.activation_mib = self._activation_memory() / MIB
+        self.memory_counter = ("torch.cuda.max_memory_allocated" if self.device.type == "cuda"
+                               else "cpu: model and optimizer state + torch.profiler peak of one"
+                                    " training step")
+        if self.main:
+            write_json(self.out / "config.json", {
+                **asdict(config), "world_size": self.world_size, "device": str(self.device),
+                "memory_counter": self.memory_counter, "momres": __version__,
+                "torch": torch.__version__,
+            })
+
+    def log(self, message: str) -> None:
+        if self.main:
+            tqdm.write(message)
+
+    def _loaders(self) -> tuple[DataLoader, DataLoader]:
+        config, cuda = self.config, self.device.type == "cuda"
+        workers = config.workers if config.workers is not None else (4 if cuda else 0)
+        train = self.data.train
+        if len(train) < config.batch_size * self.world_size:
+            raise ValueError(f"momres: the training set has {len(train)} images, fewer than one "
+                             f"batch per process ({config.batch_size}); lower --batch-size.")
+        # The sampler shuffles with (seed, epoch): the order needs no state to resume.
+        sampler = DistributedSampler(train, self.world_size, self.rank, seed=config.seed)
+        train_loader = DataLoader(train, config.batch_size, sampler=sampler, num_workers=workers,
+                                  pin_memory=cuda, drop_last=True)
+        # Each process evaluates its own slice, without the padding DistributedSampler adds.
+        test = Subset(self.data.test, range(self.rank, len(self.data.test), self.world_size))
+        test_loader = DataLoader(test, config.batch_size, num_workers=workers, pin_memory=cuda)
+        return train_loader, test_loader
+
+    def _activation_memory(self) -> int:
+        """Bytes saved for backward by one training forward pass, on a copy of the model."""
+        batch = torch.stack([self.data.train[i][0] for i in range(self.config.batch_size)])
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices), self._autocast():
+            return activation_memory(copy.deepcopy(self.model).train(), batch.to(self.device))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step: the loss and the number of correct predictions."""
+        with self._autocast():
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss is {loss.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch (``epoch`` counts from 0): loss, accuracy, time, memory."""
+        self.net.train()
+        self.train_loader.sampler.set_epoch(epoch)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
+        peak = 0
+        start = time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"{self.config.model} {epoch + 1}/{self.config.epochs}",
+                   disable=not (self.main and self.config.progress), leave=True,
+                   dynamic_ncols=True, unit="batch")
+        for step, (x, y) in enumerate(bar):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            try:
+                if step == 0 and not cuda:
+                    state = tensor_bytes(chain(self.model.parameters(), self.model.buffers(),
+                                               _optimizer_tensors(self.optimizer)))
+                    (loss, correct), traced = traced_peak_bytes(lambda x=x, y=y: self._step(x, y))
+                    peak = state + traced
+                else:
+                    loss, correct = self._step(x, y)
+            except (FloatingPointError, OverflowError) as error:
+                raise FloatingPointError(
+                    f"momres: training diverged at epoch {epoch + 1}, step {step + 1}: {error}. "
+                    f"Stopped; the last good checkpoint ({self._last_good()}) is kept. Lower --lr,"
+                    " or use --amp bfloat16 instead of float16, then --resume."
+                ) from None
+            totals += torch.stack([loss.double() * len(y), correct.double(),
+                                   totals.new_tensor(len(y))])
+            seconds = time.perf_counter() - start
+            bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.3f}",
+                            acc=f"{totals[1].item() / totals[2].item():.3f}",
+                            img_s=f"{totals[2].item() * self.world_size / seconds:.0f}")
+        seconds = time.perf_counter() - start
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(self.device)
+        loss, accuracy, count = self._reduce(totals)
+        return {"train_loss": loss, "train_accuracy": accuracy, "epoch_seconds": seconds,
+                "images_per_second": count / seconds, "peak_memory_mib": peak / MIB}
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy (a fraction), over the whole test set."""
+        self.model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for x, y in self.test_loader:
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = self.model(x).float()
+            totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                                   (logits.argmax(1) == y).sum().double(),
+                                   totals.new_tensor(len(y))])
+        loss, accuracy, _ = self._reduce(totals)
+        return loss, accuracy
+
+    def _reduce(self, totals: torch.Tensor) -> tuple[float, float, float]:
+        """(loss sum, correct, count) summed over processes -> mean loss, accuracy, count."""
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        loss, correct, count = totals.tolist()
+        return loss / count, correct / count, count
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """Train and test one epoch, step the schedule, write metrics and checkpoints."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = self.train_epoch(epoch)
+        test_loss, test_accuracy = self.evaluate()
+        self.scheduler.step()
+        record = {"epoch": epoch + 1, "lr": lr, **record, "test_loss": test_loss,
+                  "test_accuracy": test_accuracy}
+        self.records.append(record)
+        checkpoint = self._checkpoint(epoch + 1)  # collective: every rank takes part
+        if self.main:
+            best = test_accuracy > self.best_accuracy
+            self.best_accuracy = max(self.best_accuracy, test_accuracy)
+            checkpoint["best_accuracy"] = self.best_accuracy
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            atomic_write(self.out / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
+            if best:
+                atomic_write(self.out / "best.pt", lambda p: torch.save(checkpoint, p))
+            plot_curves(self.records, self.out / "curves.png", title=self.config.model)
+            self.log(f"{self.config.model} epoch {epoch + 1}: test accuracy {test_accuracy:.4f},"
+                     f" loss {test_loss:.4f}, peak memory {record['peak_memory_mib']:.1f} MiB")
+        return record
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``config.epochs``; returns (and writes) the summary."""
+        for epoch in range(self.start_epoch, self.config.epochs):
+            self.run_epoch(epoch)
+        summary = self.summary()
+        if self.main:
+            write_json(self.out / "summary.json", summary)
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        records = self.records
+        last = records[-1] if records else {}
+        return {
+            "model": self.config.model, "dataset": self.config.dataset,
+            "gamma": self.config.gamma, "memory_efficient": self.config.memory_efficient,
+            "epochs": len(records), "test_accuracy": last.get("test_accuracy"),
+            "best_test_accuracy": max((r["test_accuracy"] for r in records), default=None),
+            "mean_epoch_seconds": float(np.mean([r["epoch_seconds"] for r in records]))
+            if records else None,
+            "peak_memory_mib": max((r["peak_memory_mib"] for r in records), default=None),
+            "memory_counter": self.memory_counter,
+            "activation_memory_mib": self.activation_mib,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "batch_size": self.config.batch_size, "world_size": self.world_size,
+            "device": str(self.device),
+        }
+
+    def _last_good(self) -> str:
+        path = self.out / "checkpoint.pt"
+        done = len(self.records) and self.records[-1]["epoch"]
+        return f"{path}, after epoch {done}" if done else "none yet"
+
+    def _checkpoint(self, epochs_done: int) -> dict[str, Any]:
+        rng = _rng_state(self.device)
+        states = [rng] * self.world_size
+        if self.world_size > 1:
+            dist.all_gather_object(states, rng)
+        return {
+            "momres": __version__, "epoch": epochs_done, "config": asdict(self.config),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": states, "records": self.records,
+        }
+
+    def _restore(self) -> None:
+        path = self.out / "checkpoint.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"momres: --resume: no checkpoint at {path}; run without "
+                                    "--resume to start training.")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("model", "dataset"):
+            if state["config"][key] != getattr(self.config, key):
+                raise ValueError(f"momres: --resume: {path} was trained with --{key} "
+                                 f"{state['config'][key]}, not {getattr(self.config, key)}.")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.best_accuracy = state["epoch"], state["best_accuracy"]
+        self.records = state["records"]
+        if len(state["rng"]) == self.world_size:
+            _set_rng_state(state["rng"][self.rank], self.device)
+        else:
+            self.log(f"momres: --resume with {self.world_size} processes instead of "
+                     f"{len(state['rng'])}: random streams restart from the seed.")
+            seed_everything(self.config.seed + self.rank + 1000 * self.start_epoch)
+        if self.main:  # drop lines of epochs the checkpoint does not hold (a crash in between)
+            lines = "".join(json.dumps(r) + "\n" for r in self.records)
+            atomic_write(self.out / "metrics.jsonl", lambda p: p.write_text(lines))
+        self.log(f"momres: resumed {path} after epoch {self.start_epoch}")
+
+
+def _distributed(requested: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"momres: --device {requested}, but no CUDA device is available; use "
+                         "--device cpu.")
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _prepare_out(out: Path, resume: bool) -> None:
+    """Create ``out`` and make sure it is writable, without overwriting an earlier run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"momres: cannot write to the output folder {out} ({error}); "
+                              "choose another --out.") from None
+    if not resume and (out / "checkpoint.pt").exists():
+        raise FileExistsError(f"momres: {out} already holds a training run (checkpoint.pt); add "
+                              "--resume to continue it, or choose another --out.")
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    for state in optimizer.state.values():
+        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    numpy = np.random.get_state(legacy=False)
+    numpy["state"]["key"] = torch.from_numpy(numpy["state"]["key"].astype(np.int64))
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    numpy = state["numpy"]
+    numpy["state"]["key"] = numpy["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, train and test, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for split in ("train", "test"):
+            ax.plot(epochs, [r[f"{split}_{metric}"] for r in records], marker="o", label=split)
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{title} {metric}".strip())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Config
+    add = parser.add_argument
+    add("--dataset", choices=DATASETS, default=d.dataset, help="data set (default: digits)")
+    add("--data-dir", type=Path, help="folder of the data set's files")
+    add("--download", action="store_true", help="download the data set (torchvision; online)")
+    add("--model", default=d.model, help="a momres.models name, e.g. resnet56, mresnet56")
+    add("--gamma", type=float, default=d.gamma, help="momentum of Momentum ResNets")
+    add("--epochs", type=int, default=d.epochs)
+    add("--batch-size", type=int, default=d.batch_size, help="per process")
+    add("--lr", type=float, default=d.lr, help="learning rate (SGD)")
+    add("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    add("--weight-decay", type=float, default=d.weight_decay)
+    add("--schedule", choices=SCHEDULES, default=d.schedule,
+        help="step: lr x --lr-decay at each milestone; cosine: cosine annealing to 0")
+    add("--milestones", type=int, nargs="+", help="epochs of the step schedule (default: 1/2, 3/4)")
+    add("--lr-decay", type=float, default=d.lr_decay, help="step schedule factor")
+    add("--amp", nargs="?", const="bfloat16", choices=list(AMP_DTYPES),
+        help="autocast: bfloat16 (default when given; CPU and CUDA) or float16 (CUDA)")
+    add("--no-memory-efficient", dest="memory_efficient", action="store_false",
+        help="plain autograd through momentum stages (stores activations)")
+    add("--seed", type=int, default=d.seed)
+    add("--device", default=d.device, help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
+    add("--workers", type=int, help="data-loading processes (default: 4 on CUDA, 0 on CPU)")
+    add("--out", type=Path, required=True, help="output folder")
+    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    add("--init-from", type=Path, help="torchvision ResNet state dict or momres checkpoint")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    try:
+        summary = Trainer(config).fit()
+    except (ValueError, OSError, FloatingPointError) as error:
+        if not str(error).startswith("momres:"):
+            raise
+        print(error, file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
