@@ -1,0 +1,122 @@
+"""What every experiment shares: models, the training loop, trajectories, result and figures.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects (no pyplot), so saving a PNG uses the
+Agg canvas and never touches the user's global matplotlib backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..momentum import MomentumNet
+
+MIB = 2**20
+#: Colours used for the same system in every figure.
+COLORS = {"momentum": "tab:red", "resnet": "tab:blue", "revnet": "tab:green",
+          "checkpoint": "tab:purple", "momentum-float": "tab:orange"}
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None) -> tqdm:
+    """A tqdm progress bar (on stderr) labelled ``desc``."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` intra-op threads (``None``: unchanged).  Tiny models run fastest on one:
+    with more, thread synchronisation costs more than the arithmetic."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def tanh_block(dim: int, width: int) -> nn.Module:
+    """The paper's residual branch ``f(x) = W2^T tanh(W1 x + b)``."""
+    return nn.Sequential(nn.Linear(dim, width), nn.Tanh(), nn.Linear(width, dim, bias=False))
+
+
+def momentum_and_resnet(
+    make_blocks: Callable[[], list[nn.Module]], gamma: float, seed: int
+) -> dict[str, MomentumNet]:
+    """The same initial blocks as a memory-free Momentum ResNet and as a ResNet (``gamma=0``,
+    which is exactly ``x <- x + f(x)``)."""
+    torch.manual_seed(seed)
+    momentum = MomentumNet(make_blocks(), gamma)
+    torch.manual_seed(seed)
+    resnet = MomentumNet(make_blocks(), 0.0, memory_efficient=False)
+    return {"momentum": momentum, "resnet": resnet}
+
+
+def fit(
+    params: Iterable[torch.Tensor], loss_fn: Callable[[], torch.Tensor], steps: int,
+    lr: float, desc: str,
+) -> list[float]:
+    """Minimise ``loss_fn()`` (which draws its own batch) with Adam; the loss per step."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    losses = []
+    bar = progress(range(steps), desc)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3g}")
+    return losses
+
+
+def trajectory(net: MomentumNet, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The positions ``x_0 ... x_N`` through the stage, stacked along a new first dimension.
+
+    Each block receives ``x_n``, so a forward pre-hook on every (distinct) block records them
+    in call order, whatever the mode of the stage.
+    """
+    states: list[torch.Tensor] = []
+    hooks = [block.register_forward_pre_hook(lambda _, inputs: states.append(inputs[0].clone()))
+             for block in dict.fromkeys(net.functions)]
+    try:
+        with torch.no_grad():
+            out = net(x, *args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack([*states, out])
+
+
+def save_figure(fig: Figure, out: Path, name: str) -> Path:
+    """Write ``fig`` as ``out/name.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def finish(out: Path, claim: str, metrics: dict[str, Any], config: Any, seed: int,
+           reproduced: bool) -> dict[str, Any]:
+    """Write ``out/result.json`` and print a summary; the result as a dict."""
+    result = {"claim": claim, "metrics": metrics,
+              "config": {**dataclasses.asdict(config), "seed": seed},
+              "reproduced": bool(reproduced)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{claim}\nreproduced: {result['reproduced']}")
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            print(f"  {key} = {value:.4g}")
+    print(f"written: {out / 'result.json'}")
+    return result
