@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import _exact
+from ._fusion import fused
 from ._replay import AutocastState, RngState, frozen_batchnorm, restored_rng
 
 _STATE_LOG: dict[str, dict[int, tuple[torch.Tensor, ...]]] | None = None
@@ -186,6 +187,7 @@ class MomentumFunction(torch.autograd.Function):
             checksum = torch.stack([X.sum(), V.sum()])
             schedule = _exact.spill_schedule(num, den, len(stage.functions))
             spilled, gmax = [], []
+            step = fused(_exact.forward_step_, X)
             for n, f in enumerate(stage.functions):
                 _log("forward", n, X, V, buf)
                 if schedule[n]:
@@ -193,9 +195,7 @@ class MomentumFunction(torch.autograd.Function):
                     buf = torch.zeros_like(X)
                 g = run(n, f, X.to(dtype, copy=True)).to(dtype)
                 gmax.extend(torch.aminmax(g))
-                V, buf, tmp = _exact.mul_frac_(V, buf, tmp, num, den)
-                V.add_(_exact.quantise(g, scale, out=tmp))
-                X.add_(V, alpha=unit)
+                V, buf, tmp = step(X, V, buf, tmp, g, num, den, scale, unit)
             _check_range(stage, x0, v0, gmax)
             x_out, remainder = _exact.split_grid(X, k, dtype)
             v_out = _exact.from_units(V, k, dtype)
@@ -258,6 +258,7 @@ class MomentumFunction(torch.autograd.Function):
             checksum, spilled = state[2], list(state[3:])
             tmp = torch.empty_like(X)
             schedule = _exact.spill_schedule(num, den, len(stage.functions))
+            step = fused(_exact.backward_step_, X)
             leftovers = []
         else:
             X, V = state[0].clone(), state[1].clone()
@@ -279,8 +280,7 @@ class MomentumFunction(torch.autograd.Function):
                 g = evaluate(n, f, x, args, kwargs, stage.residual)
             # Rebuild v_n from the same evaluation used for the gradient below.
             if stage.exact:
-                V.sub_(_exact.quantise(g.detach().to(dtype), scale, out=tmp))
-                V, buf, tmp = _exact.mul_frac_(V, buf, tmp, den, num)
+                V, buf, tmp = step(V, buf, tmp, g.detach().to(dtype), num, den, scale)
                 if schedule[n]:
                     leftovers.append(buf.any())
                     buf = spilled.pop()

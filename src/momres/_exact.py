@@ -133,6 +133,26 @@ def mul_frac_(
     return i, c, tmp
 
 
+def forward_step_(
+    x: torch.Tensor, v: torch.Tensor, i: torch.Tensor, tmp: torch.Tensor, g: torch.Tensor,
+    num: int, den: int, scale: float, unit: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of the exact rule: ``v <- v*num/den + round(scale*g); x <- x + v*unit``."""
+    v, i, tmp = mul_frac_(v, i, tmp, num, den)
+    v.add_(quantise(g, scale, out=tmp))
+    x.add_(v, alpha=unit)
+    return v, i, tmp
+
+
+def backward_step_(
+    v: torch.Tensor, i: torch.Tensor, tmp: torch.Tensor, g: torch.Tensor,
+    num: int, den: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Undo :func:`forward_step_`'s velocity update (``x`` is rebuilt before ``g`` exists)."""
+    v.sub_(quantise(g, scale, out=tmp))
+    return mul_frac_(v, i, tmp, den, num)
+
+
 def spill_schedule(num: int, den: int, depth: int, limit: int = EXACT_LIMIT) -> list[bool]:
     """For each block, whether the buffer must be pushed aside (and restarted at 0) first.
 
