@@ -1,0 +1,308 @@
+"""Drop-in conversion of residual networks into Momentum ResNets: ``to_momentum``.
+
+A stage of blocks that keep the shape of ``x`` becomes one momentum stage over the very same
+blocks.  Blocks that add their own skip connection (torchvision's ``BasicBlock`` and
+``Bottleneck``, transformer layers) enter the rule as ``f(x) = block(x) - x``
+(``MomentumNet(..., residual=False)``), so at ``gamma = 0`` the converted model computes the
+original function, and the original weights keep their meaning.
+
+The converted stages keep their blocks under their original names, so state dicts load both
+ways between a model and its converted twin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+from torchvision.models.vision_transformer import Encoder as VitEncoder
+
+from ._replay import frozen_batchnorm
+from .momentum import MomentumNet
+
+
+def _recompute_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
+    # torch.utils.checkpoint's recompute would update BatchNorm running statistics twice.
+    return contextlib.nullcontext(), frozen_batchnorm(block)
+
+
+@contextlib.contextmanager
+def _mha_fast_path_off() -> Iterator[None]:
+    """Keep ``nn.MultiheadAttention`` (and encoder layers) off their fused eval-mode kernels.
+
+    The memory-free forward runs its blocks without grad, where eval-mode attention takes its
+    fused fast path; the backward's recompute runs with grad, where it cannot.  The exact
+    rebuild needs both passes to compute the same numbers, so the forward stays off it too.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+class _StageNet(MomentumNet):
+    """``MomentumNet`` whose memory-free forward keeps attention off its fast path."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if not (self.memory_efficient and torch.is_grad_enabled()):
+            return super().forward(x, *args, **kwargs)
+        with _mha_fast_path_off():
+            return super().forward(x, *args, **kwargs)
+
+
+class MomentumStage(nn.Sequential):
+    """An ``nn.Sequential`` of blocks, under their original names, run as a momentum stage.
+
+    The first ``plain`` blocks run as ordinary blocks (the first block of a ResNet stage
+    changes the shape); the others form ``self.momentum``, a ``MomentumNet(residual=False)``
+    over the same module objects.  That net is kept outside the module tree, so parameter
+    names (and state dicts) are those of the original ``nn.Sequential``.
+
+    With ``checkpoint=True`` the plain blocks are recomputed in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant, BatchNorm statistics updated once) instead of
+    storing their activations.
+
+    ``stage(x, *args, **kwargs)`` passes ``args``/``kwargs`` to every block.
+    """
+
+    def __init__(
+        self,
+        blocks: Mapping[str, nn.Module],
+        gamma: float = 0.9,
+        *,
+        plain: int = 0,
+        memory_efficient: bool = True,
+        exact: bool = True,
+        checkpoint: bool = False,
+    ) -> None:
+        super().__init__(OrderedDict(blocks))
+        if not 0 <= plain < len(self):
+            raise ValueError(
+                f"momres: a stage of {len(self)} blocks with {plain} run plainly leaves no "
+                "block to convert."
+            )
+        self.plain = plain
+        self.checkpoint = checkpoint
+        momentum = _StageNet(
+            list(self._modules.values())[plain:], gamma, residual=False,
+            memory_efficient=memory_efficient, exact=exact,
+        )
+        object.__setattr__(self, "momentum", momentum)  # not registered: see the docstring
+
+    @property
+    def gamma(self) -> float:
+        return self.momentum.gamma
+
+    def extra_repr(self) -> str:
+        return f"plain={self.plain}, checkpoint={self.checkpoint}, {self.momentum.extra_repr()}"
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        for block in list(self._modules.values())[: self.plain]:
+            if self.checkpoint and torch.is_grad_enabled():
+                x = torch_checkpoint(
+                    block, x, *args, use_reentrant=False,
+                    context_fn=functools.partial(_recompute_contexts, block), **kwargs,
+                )
+            else:
+                x = block(x, *args, **kwargs)
+        return self.momentum(x, *args, **kwargs)
+
+
+class MomentumStageList(MomentumStage):
+    """A converted ``nn.ModuleList``: its parent's loop runs the momentum stage as one step.
+
+    Indexing and ``len`` still see the blocks, but iteration (``for block in self.blocks:
+    x = block(x, ...)``, the usual way a ``ModuleList`` is run) yields the plain blocks, then
+    ``self.momentum``.  A parent that calls the blocks by index bypasses the momentum stage.
+    """
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter([*list(self._modules.values())[: self.plain], self.momentum])
+
+
+class MomentumTransformerEncoder(nn.Module):
+    """``nn.TransformerEncoder`` with its layers as one momentum stage (same parameter names).
+
+    Masks are prepared as in ``nn.TransformerEncoder.forward`` and ``mask``,
+    ``src_key_padding_mask`` and ``is_causal`` reach every layer.  The nested-tensor fast path
+    is never taken: where torch's encoder would return zeros at padded positions (eval mode,
+    no grad, a padding mask), this returns the layers' values there.
+    """
+
+    def __init__(self, encoder: nn.TransformerEncoder, gamma: float = 0.9, **options) -> None:
+        super().__init__()
+        self.layers = MomentumStage(encoder.layers._modules, gamma, **options)
+        self.norm = encoder.norm
+        self.batch_first = encoder.layers[0].self_attn.batch_first
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> torch.Tensor:
+        src_key_padding_mask = F._canonical_mask(
+            mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+            other_type=F._none_or_dtype(mask), other_name="mask", target_type=src.dtype,
+        )
+        mask = F._canonical_mask(
+            mask=mask, mask_name="mask", other_type=None, other_name="", target_type=src.dtype,
+            check_other=False,
+        )
+        is_causal = _detect_is_causal_mask(mask, is_causal, _get_seq_len(src, self.batch_first))
+        x = self.layers(
+            src, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask
+        )
+        return x if self.norm is None else self.norm(x)
+
+
+def _resnet_stages(module: nn.Module, keep_first: bool) -> list[tuple[str, int]]:
+    """``layer1``, ``layer2``, ... of a ResNet (torchvision, timm, momres' CIFAR ResNets).
+
+    Duck-typed: consecutive children ``layer<k>`` that are ``nn.Sequential`` of blocks with a
+    ``downsample`` attribute.  A first block with a downsample changes the shape, so it stays
+    plain even without ``keep_first``.
+    """
+    found = []
+    for k in range(1, len(module._modules) + 1):
+        stage = module._modules.get(f"layer{k}")
+        if type(stage) is not nn.Sequential or not all(
+            hasattr(block, "downsample") for block in stage
+        ):
+            break
+        plain = 1 if keep_first or stage[0].downsample is not None else 0
+        if len(stage) > plain:
+            found.append((f"layer{k}", plain))
+    return found
+
+
+def _stages_of(module: nn.Module, keep_first: bool) -> list[tuple[str, int]]:
+    """Stages of ``module`` as ``(path relative to module, number of plain blocks)``."""
+    if isinstance(module, nn.TransformerEncoder):
+        return [("", 0)]
+    if isinstance(module, VitEncoder):
+        return [("layers", 0)]
+    return _resnet_stages(module, keep_first)
+
+
+def _find_stages(model: nn.Module, keep_first: bool) -> list[tuple[str, int]]:
+    found, claimed = [], []
+    for path, module in model.named_modules():
+        if any(path == c or path.startswith(c + ".") for c in claimed):
+            continue  # inside a model already converted as a whole
+        stages = _stages_of(module, keep_first)
+        if stages:
+            claimed.append(path)
+            found.extend((".".join(p for p in (path, sub) if p), plain) for sub, plain in stages)
+    return found
+
+
+def _candidates(model: nn.Module) -> str:
+    lines = [
+        f"  {path} ({type(m).__name__}, {len(m)} blocks)"
+        for path, m in model.named_modules()
+        if path and isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m) > 1
+    ]
+    if len(lines) > 20:
+        lines = [*lines[:20], f"  ... and {len(lines) - 20} more"]
+    return "\n".join(lines) or "  (none: the model has no nn.Sequential or nn.ModuleList)"
+
+
+def _convert(module: nn.Module, path: str, gamma: float, plain: int, options: dict) -> nn.Module:
+    if isinstance(module, MomentumStage | MomentumTransformerEncoder):
+        raise ValueError(f"momres: stage {path!r} is already a momentum stage.")
+    if isinstance(module, nn.TransformerEncoder):
+        return MomentumTransformerEncoder(module, gamma, plain=plain, **options)
+    if isinstance(module, nn.Sequential):
+        return MomentumStage(module._modules, gamma, plain=plain, **options)
+    if isinstance(module, nn.ModuleList):
+        return MomentumStageList(module._modules, gamma, plain=plain, **options)
+    raise TypeError(
+        f"momres: stage {path!r} is a {type(module).__name__}; a stage must be an "
+        "nn.Sequential, an nn.ModuleList or an nn.TransformerEncoder."
+    )
+
+
+def to_momentum(
+    model: nn.Module,
+    gamma: float = 0.9,
+    *,
+    memory_efficient: bool = True,
+    exact: bool = True,
+    stages: Sequence[str] | None = None,
+    keep_first: bool = True,
+    checkpoint: bool = False,
+) -> nn.Module:
+    """A Momentum ResNet twin of ``model``: a deep copy, ``model`` itself is left untouched.
+
+    Stages are found automatically in torchvision ``ResNet``s (also ResNeXt, Wide-ResNet),
+    timm ResNets and momres' CIFAR ResNets (``layer1``, ``layer2``, ...), torchvision
+    ``VisionTransformer``s (``encoder.layers``) and ``nn.TransformerEncoder``s, wherever they
+    sit in ``model``.  ``stages=["path.to.stage", ...]`` names them instead: each an
+    ``nn.Sequential`` or ``nn.ModuleList`` of blocks that keep the shape of ``x`` (or an
+    ``nn.TransformerEncoder``).
+
+    Every block is used as a whole block with its own skip connection (``f(x) = block(x) -
+    x``): at ``gamma = 0`` (with ``memory_efficient=False``) the converted model computes the
+    original function.  Parameter names do not change, so state dicts load both ways.
+
+    Args:
+        gamma, memory_efficient, exact: as in ``MomentumNet``.
+        stages: dotted paths of the stages to convert; ``None`` finds them.
+        keep_first: run the first block of each ResNet stage, and of each stage named in
+            ``stages``, as an ordinary block (in a ResNet it changes the shape, and is kept
+            anyway where it does).  Transformer stages found automatically are converted
+            whole.
+        checkpoint: recompute those ordinary blocks in the backward pass
+            (``torch.utils.checkpoint``) rather than store their activations.
+
+    ``momres.convert.momentum_stages(converted)`` lists what was converted.
+    """
+    if stages is None:
+        found = _find_stages(model, keep_first)
+        if not found:
+            raise ValueError(
+                f"momres: found no stage to convert in {type(model).__name__}. Name the "
+                "nn.Sequential or nn.ModuleList stages of shape-preserving blocks with "
+                "to_momentum(model, stages=['path.to.stage', ...]). Candidates:\n"
+                + _candidates(model)
+            )
+    else:
+        if isinstance(stages, str):
+            raise TypeError("momres: stages must be a list of dotted paths, not one string.")
+        found = [(path, 1 if keep_first else 0) for path in stages]
+    model = copy.deepcopy(model)
+    options = {"memory_efficient": memory_efficient, "exact": exact, "checkpoint": checkpoint}
+    for path, plain in found:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(
+                f"momres: {type(model).__name__} has no submodule {path!r}. Candidates:\n"
+                + _candidates(model)
+            ) from None
+        converted = _convert(module, path, gamma, plain, options)
+        if not path:
+            return converted
+        model.set_submodule(path, converted)
+    return model
+
+
+def momentum_stages(model: nn.Module) -> dict[str, MomentumStage]:
+    """The momentum stages of a converted model, by dotted path.
+
+    Each shows its options (``stage.gamma``, ``stage.plain``) and holds its ``MomentumNet`` as
+    ``stage.momentum``, whose ``memory_efficient`` and ``exact`` may be switched in place.
+    """
+    return {path: m for path, m in model.named_modules() if isinstance(m, MomentumStage)}
