@@ -1,15 +1,45 @@
-"""`momres bench --quick`: a smoke test of the benchmark command (no timing assertions)."""
+"""`momres bench`: the command end to end on tiny settings, and its measurements."""
 
 import json
 
+import pytest
+import torch
+
+from momres import bench
 from momres.cli import main
 
 
-def test_bench_quick_writes_records(tmp_path):
+def test_bench_quick_writes_records_and_plots(tmp_path):
     assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
-    systems = {r["system"] for r in data["records"]}
-    assert {"plain", "momres-exact", "momres-float"} <= systems
+    by = {(r["case"], r["system"]): r for r in data["records"]}
+    for system in ("plain", "checkpoint", "momres-exact", "momres-float", "revnet"):
+        assert ("conv", system) in by
     for record in data["records"]:
-        assert record["step_time_ratio"] > 0 and record["saved_mib"] > 0
+        assert record["step_time_ratio"] > 0 and record["max_batch_at_budget"] > 0
+    assert by["conv", "plain"]["step_time_ratio"] == 1.0
+    assert by["conv", "revnet"]["baseline"] == "revnet-plain"
+    # Memory-free systems keep less than plain autograd even at depth 3.
+    assert by["conv", "momres-exact"]["saved_mib"] < by["conv", "plain"]["saved_mib"]
+    assert by["transformer", "momres-exact"]["saved_mib"] < by["transformer", "plain"]["saved_mib"]
+    assert (tmp_path / "saved_mib.png").stat().st_size > 0
     assert "torch" in data["machine"]
+
+
+@pytest.mark.parametrize("system", ["checkpoint", "revnet"])
+def test_baselines_compute_the_right_gradients(system):
+    """checkpoint and revnet differ from their plain twins only in memory."""
+    case = bench.Case("conv", 2, depth=4, width=8, size=6)
+    twin = bench.TWIN.get(system, "plain")
+    grads = []
+    for name in (system, twin):
+        model = case.build(name).double()
+        x = case.input().double().requires_grad_()
+        model(x).square().mean().backward()
+        grads.append(x.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_peak_memory_runs_in_a_fresh_process():
+    case = bench.Case("conv", 2, depth=2, width=8, size=8)
+    assert bench.peak_memory_mib(case, "momres-exact", "cpu") > 50  # torch itself is larger

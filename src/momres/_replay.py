@@ -6,8 +6,9 @@ compute the same function as the first and must leave no trace of its own:
 * random ops (dropout, stochastic depth) draw the same numbers: the generator state is
   recorded before the block when the block consumed randomness, and restored inside a forked
   generator, so the global generator is neither re-seeded nor advanced;
-* BatchNorm layers in training mode normalise with the same batch statistics but do not
-  update their running statistics (nor ``num_batches_tracked``) a second time;
+* BatchNorm layers in training mode normalise with the same batch statistics, and their
+  running statistics (and ``num_batches_tracked``) are restored after the recompute, so they
+  are updated once per forward pass;
 * autocast is re-entered with the forward's settings (the backward runs outside it).
 """
 
@@ -65,23 +66,28 @@ def restored_rng(state: RngState | None, device: torch.device) -> Iterator[None]
 
 @contextlib.contextmanager
 def frozen_batchnorm(module: nn.Module) -> Iterator[None]:
-    """Training-mode BatchNorm uses batch statistics but leaves its running statistics alone.
+    """Training-mode BatchNorm runs as in the forward pass, on scratch copies of its statistics.
 
-    With ``track_running_stats`` off, ``_BatchNorm.forward`` (and SyncBatchNorm's) neither
-    increments ``num_batches_tracked`` nor passes the running buffers to ``F.batch_norm``, while
-    still normalising with the batch statistics: the same output and gradient, no update.
+    The recompute normalises with the same batch statistics, so outputs and gradients match;
+    the running statistics and ``num_batches_tracked`` it updates are copies, swapped out
+    again afterwards, so each forward pass updates the real ones once.  (Switching
+    ``track_running_stats`` off instead would change which tensors BatchNorm saves, which
+    ``torch.utils.checkpoint`` rejects; copying the old values back would bump the version
+    of tensors the recompute's graph has saved.)
     """
-    frozen = [
-        m for m in module.modules()
-        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
-    ]
-    for m in frozen:
-        m.track_running_stats = False
+    norms = [m for m in module.modules()
+             if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    real = [dict(m._buffers) for m in norms]
+    for m, buffers in zip(norms, real, strict=True):
+        for name, buffer in buffers.items():
+            if buffer is not None:
+                setattr(m, name, buffer.clone())
     try:
         yield
     finally:
-        for m in frozen:
-            m.track_running_stats = True
+        for m, buffers in zip(norms, real, strict=True):
+            for name, buffer in buffers.items():
+                setattr(m, name, buffer)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,27 @@
-"""Benchmark memory-free momentum stages against plain autograd (time and memory).
+"""Benchmark memory-saving methods against plain autograd: step time, saved and peak memory.
 
-Method: every system is timed in the same run, interleaved round by round so that machine
-noise hits all of them alike; a system's figure is the median over rounds of its step time
-divided by the plain-autograd step time of the same round.
+Method: within one run, every system and its plain-autograd twin are timed interleaved, round
+by round, so that machine noise hits all of them alike; a system's figure is the median over
+rounds of its step time divided by its twin's step time in the same round.  Memory is measured
+twice: bytes saved for the backward pass (``momres.activation_memory``, each storage once), and
+the peak of a whole training step in a fresh process per configuration (CPU: peak resident
+memory; CUDA: ``torch.cuda.max_memory_allocated``).
+
+Systems (``SYSTEMS``): ``plain`` (the momentum rule under plain autograd, the twin of the next
+three), ``checkpoint`` (the same under ``torch.utils.checkpoint`` over sqrt(depth) segments,
+non-reentrant), ``momres-exact``, ``momres-float``, ``revnet`` (additive coupling, memory-free;
+twin: ``revnet-plain``) and ``momentumnet`` (the official package, optional; twin:
+``momentumnet-plain``).  Cases: a conv stage over depths and batch sizes, CIFAR and ImageNet
+ResNets against their momentum twins, and a transformer encoder.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
+import math
 import os
 import platform
 import resource
@@ -17,26 +30,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from ._replay import frozen_batchnorm
 from .memory import activation_memory
 from .momentum import MomentumNet
 
 MIB = 2**20
+GAMMA = 0.9
 
-#: system name -> MomentumNet options.  "plain" is the same rule under plain autograd.
-SYSTEMS: dict[str, dict] = {
-    "plain": {"memory_efficient": False},
-    "momres-exact": {"memory_efficient": True, "exact": True},
-    "momres-float": {"memory_efficient": True, "exact": False},
-}
+#: system -> its plain-autograd twin, whose step time it is divided by (default "plain").
+TWIN = {"revnet": "revnet-plain", "revnet-plain": "revnet-plain",
+        "momentumnet": "momentumnet-plain", "momentumnet-plain": "momentumnet-plain"}
 
 
 def conv_block(channels: int = 32) -> nn.Module:
-    """The residual branch used throughout: conv3x3-BN-ReLU-conv3x3-BN."""
+    """The residual branch of the stage benchmarks: conv3x3-BN-ReLU-conv3x3-BN."""
     return nn.Sequential(
         nn.Conv2d(channels, channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(channels),
@@ -46,13 +60,133 @@ def conv_block(channels: int = 32) -> nn.Module:
     )
 
 
-def conv_stage(system: str, depth: int, channels: int = 32, gamma: float = 0.9) -> MomentumNet:
+class CheckpointStage(nn.Module):
+    """The momentum rule under plain autograd, checkpointed over about sqrt(depth) segments."""
+
+    def __init__(self, blocks: list[nn.Module], gamma: float = GAMMA) -> None:
+        super().__init__()
+        size = math.ceil(len(blocks) / max(1, round(math.sqrt(len(blocks)))))
+        self.segments = nn.ModuleList(
+            MomentumNet(blocks[i : i + size], gamma, memory_efficient=False)
+            for i in range(0, len(blocks), size)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = torch.zeros_like(x)
+        for segment in self.segments:
+            # The recompute must not update BatchNorm running statistics a second time.
+            contexts = lambda s=segment: (torch.enable_grad(), frozen_batchnorm(s))
+            x, v = checkpoint(segment._forward_autograd, x, v, (), {}, use_reentrant=False,
+                              context_fn=contexts)
+        return x
+
+
+def _momentumnet_stage(blocks: list[nn.Module], memory_free: bool) -> nn.Module:
+    import momentumnet  # optional: the official package, `pip install momres[bench]`
+
+    return momentumnet.MomentumNet(blocks, GAMMA, use_backprop=not memory_free)
+
+
+def conv_stage(system: str, depth: int, channels: int = 32) -> nn.Module:
+    """A stage of ``depth`` conv blocks as ``system`` runs it (same seed: same weights)."""
     torch.manual_seed(0)
-    return MomentumNet([conv_block(channels) for _ in range(depth)], gamma, **SYSTEMS[system])
+    if system.startswith("revnet"):  # couplings of two half-width branches
+        from .models.revnet import ReversibleStage
+
+        half = channels // 2
+        return ReversibleStage([conv_block(half) for _ in range(depth)],
+                               [conv_block(half) for _ in range(depth)],
+                               memory_efficient=system == "revnet")
+    blocks = [conv_block(channels) for _ in range(depth)]
+    if system.startswith("momentumnet"):
+        return _momentumnet_stage(blocks, memory_free=system == "momentumnet")
+    if system == "checkpoint":
+        return CheckpointStage(blocks)
+    options = {"plain": {"memory_efficient": False}, "momres-exact": {},
+               "momres-float": {"exact": False}}[system]
+    return MomentumNet(blocks, GAMMA, **options)
+
+
+def _registry_model(name: str, system: str) -> nn.Module:
+    from .models import create_model
+
+    torch.manual_seed(0)
+    prefix, options = {"plain": ("", {}), "momres-exact": ("m", {}),
+                       "momres-float": ("m", {"exact": False}), "revnet": ("", {}),
+                       "revnet-plain": ("", {"memory_efficient": False})}[system]
+    return create_model(prefix + name, gamma=GAMMA, **options)
+
+
+def _transformer(system: str, layers: int, width: int) -> nn.Module:
+    from .convert import to_momentum
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(width, nhead=max(1, width // 32), dim_feedforward=4 * width,
+                                       dropout=0.1, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+    if system == "plain":
+        return encoder
+    return to_momentum(encoder, GAMMA, exact=system == "momres-exact")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration: what is built (``kind``, ``name``, ``depth``) and its input."""
+
+    kind: str  # "conv", "cifar", "imagenet", "transformer"
+    batch: int
+    depth: int = 0  # conv blocks or transformer layers
+    name: str = ""  # registry name (plain) for model cases
+    width: int = 32  # conv channels or transformer width
+    size: int = 16  # image side, or sequence length
+
+    def systems(self, available: list[str]) -> list[str]:
+        wanted = {
+            "conv": ["plain", "checkpoint", "momres-exact", "momres-float", "revnet",
+                     "revnet-plain", "momentumnet", "momentumnet-plain"],
+            "cifar": ["plain", "momres-exact", "momres-float"],
+            "imagenet": ["plain", "momres-exact", "momres-float"],
+            "transformer": ["plain", "momres-exact", "momres-float"],
+        }[self.kind]
+        if self.kind == "cifar" and self.name.startswith("revnet"):
+            wanted = ["revnet", "revnet-plain"]
+        return [s for s in wanted if s in available]
+
+    def build(self, system: str) -> nn.Module:
+        if self.kind == "conv":
+            return conv_stage(system, self.depth, self.width)
+        if self.kind == "transformer":
+            return _transformer(system, self.depth, self.width)
+        return _registry_model(self.name, system)
+
+    def input(self, batch: int | None = None) -> torch.Tensor:
+        batch = batch or self.batch
+        generator = torch.Generator().manual_seed(1)
+        if self.kind == "transformer":
+            return torch.randn(batch, self.size, self.width, generator=generator)
+        channels = self.width if self.kind == "conv" else 3
+        return torch.randn(batch, channels, self.size, self.size, generator=generator)
+
+    def label(self) -> str:
+        what = {"conv": f"conv stage depth {self.depth}", "transformer":
+                f"transformer {self.depth} layers"}.get(self.kind, self.name)
+        return f"{what}, batch {self.batch}"
+
+
+def available_systems() -> tuple[list[str], list[str]]:
+    """Systems that can run here, and a note for each one that cannot."""
+    systems = ["plain", "checkpoint", "momres-exact", "momres-float", "revnet", "revnet-plain"]
+    notes = []
+    if importlib.util.find_spec("momentumnet"):
+        systems += ["momentumnet", "momentumnet-plain"]
+    else:
+        notes.append("momentumnet (official package 0.10) not installed: skipped "
+                     "(pip install 'momres[bench]')")
+    return systems, notes
 
 
 def step_time(model: nn.Module, x: torch.Tensor) -> float:
-    """Seconds for one forward + backward pass."""
+    """Seconds for one training step: forward, a scalar loss, backward."""
     x = x.detach().requires_grad_()
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -63,95 +197,148 @@ def step_time(model: nn.Module, x: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_ratios(
-    steps: dict[str, Callable[[], float]], rounds: int, baseline: str = "plain"
-) -> dict[str, dict[str, float]]:
-    """Run every step once per round (after one warm-up); median time and ratio to baseline."""
+def interleaved(steps: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Every step once per round, after one warm-up round: the times of each."""
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             times[name].append(step())
-    return {
-        name: {
-            "step_seconds": statistics.median(t),
-            "step_time_ratio": statistics.median(
-                a / b for a, b in zip(t, times[baseline], strict=True)
-            ),
-        }
-        for name, t in times.items()
-    }
+    return times
 
 
-def stage_records(
-    depths: list[int], batch: int = 32, channels: int = 32, size: int = 16, rounds: int = 5,
-    systems: tuple[str, ...] = ("plain", "momres-exact", "momres-float"),
-    device: str = "cpu", progress: Callable[[str], None] = lambda s: None,
-) -> list[dict]:
-    """Step-time ratio and bytes saved for backward of conv stages, per depth and system."""
-    records = []
-    for depth in depths:
-        progress(f"depth {depth}")
-        x = torch.randn(batch, channels, size, size, device=device)
-        models = {s: conv_stage(s, depth, channels).to(device) for s in systems}
-        timing = interleaved_ratios(
-            {s: (lambda m=m, x=x: step_time(m, x)) for s, m in models.items()}, rounds
-        )
-        for system, model in models.items():
-            saved = activation_memory(model, x.detach().requires_grad_())
-            records.append({
-                "system": system, "depth": depth, "batch": batch, **timing[system],
-                "saved_mib": saved / MIB, "saved_bytes_per_element": saved / x.numel(),
-            })
-    return records
+def peak_memory_mib(case: Case, system: str, device: str) -> float:
+    """Peak memory of one training step, in a fresh process (MiB).
 
-
-def peak_rss_mib(system: str, depth: int, batch: int = 32, channels: int = 32,
-                 size: int = 16) -> float:
-    """Peak resident memory (MiB) of a fresh process after one training step of a conv stage.
-
-    A separate process per configuration: the peak of one process says nothing about the next
-    configuration once memory has been touched.  glibc is told to map every allocation above
-    64 KiB on its own, so that freed tensors leave the process at once and the peak follows
-    the live tensors instead of the heap's fragmentation.  Compare differences between
-    depths, not absolute values (they include the interpreter and torch itself).
+    CPU: peak resident memory of the process, with glibc told to map every allocation above
+    64 KiB on its own so that freed tensors leave the process at once and the peak follows the
+    live tensors, not the heap's fragmentation; it includes the interpreter and torch, so
+    compare systems and depths by differences.  CUDA: ``torch.cuda.max_memory_allocated``.
     """
-    code = (f"from momres.bench import _peak_rss_child; "
-            f"_peak_rss_child({system!r}, {depth}, {batch}, {channels}, {size})")
+    code = f"from momres.bench import _peak_child; _peak_child({json.dumps(asdict(case))!r}, " \
+           f"{system!r}, {device!r})"
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, env=env)
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def _peak_rss_child(system: str, depth: int, batch: int, channels: int, size: int) -> None:
-    model = conv_stage(system, depth, channels)
-    step_time(model, torch.randn(batch, channels, size, size))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+def _peak_child(case_json: str, system: str, device: str) -> None:
+    case = Case(**json.loads(case_json))
+    model, x = case.build(system).to(device), case.input().to(device)
+    step_time(model, x)
+    if device == "cuda":
+        print(torch.cuda.max_memory_allocated() / MIB)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+
+
+def measure(case: Case, systems: list[str], rounds: int, device: str, peak: bool,
+            budget_gib: float) -> list[dict]:
+    """Records of one case: time ratio, saved and peak memory, largest batch in budget."""
+    models = {s: case.build(s).to(device) for s in systems}
+    x = case.input().to(device)
+    times = interleaved({s: functools.partial(step_time, m, x) for s, m in models.items()},
+                        rounds)
+    records = []
+    for system, model in models.items():
+        twin = TWIN.get(system, "plain")
+        saved = activation_memory(model, x.detach().requires_grad_())
+        # Saved bytes are linear in the batch: two points give the largest batch in budget.
+        half = max(1, case.batch // 2)
+        saved_half = activation_memory(model, case.input(half).to(device).requires_grad_())
+        per_sample = (saved - saved_half) / (case.batch - half) if case.batch > half else saved
+        fixed = saved - per_sample * case.batch + sum(
+            p.numel() * p.element_size() * 2 for p in model.parameters())  # weights + grads
+        records.append({
+            "case": case.kind, "label": case.label(), "system": system, "baseline": twin,
+            "depth": case.depth, "batch": case.batch, "model": case.name or None,
+            "step_seconds": statistics.median(times[system]),
+            "step_time_ratio": statistics.median(
+                a / b for a, b in zip(times[system], times[twin], strict=True)),
+            "saved_mib": saved / MIB,
+            "saved_bytes_per_element": saved / x.numel(),
+            "peak_mib": peak_memory_mib(case, system, device) if peak else None,
+            "max_batch_at_budget": int((budget_gib * 2**30 - fixed) // max(per_sample, 1)),
+        })
+    return records
+
+
+def stage_records(depths: list[int], batch: int = 32, rounds: int = 3,
+                  systems: tuple[str, ...] = ("plain", "momres-exact", "momres-float"),
+                  progress: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """The conv-stage records over ``depths`` (no peak measurement): the demo's table."""
+    records = []
+    for depth in depths:
+        progress(f"depth {depth}")
+        records += measure(Case("conv", batch, depth=depth), list(systems), rounds, "cpu",
+                           peak=False, budget_gib=16.0)
+    return records
+
+
+def plan(quick: bool) -> tuple[list[Case], int]:
+    """The cases and the number of timing rounds."""
+    if quick:  # every kind of case, tiny, no peak measurement (one process each)
+        return [Case("conv", 4, depth=3, width=8, size=8),
+                Case("cifar", 2, name="resnet20", size=16),
+                Case("transformer", 2, depth=2, width=32, size=8)], 1
+    conv = [Case("conv", 32, depth=d) for d in (8, 32, 128, 256)]
+    conv += [Case("conv", b, depth=32) for b in (8, 128)]
+    models = [Case("cifar", 32, name="resnet110", size=32),
+              Case("cifar", 32, name="revnet110", size=32),
+              Case("imagenet", 4, name="resnet50", size=224),
+              Case("imagenet", 4, name="resnet101", size=224),
+              Case("transformer", 16, depth=12, width=256, size=128)]
+    return conv + models, 5
 
 
 def format_table(records: list[dict]) -> str:
-    systems = list(dict.fromkeys(r["system"] for r in records))
-    head = ["depth"] + [f"{s} saved MiB" for s in systems] + [
-        f"{s} time" for s in systems if s != "plain"
-    ]
-    rows = []
-    for depth in dict.fromkeys(r["depth"] for r in records):
-        by = {r["system"]: r for r in records if r["depth"] == depth}
-        rows.append([str(depth)] + [f"{by[s]['saved_mib']:.1f}" for s in systems] + [
-            f"{by[s]['step_time_ratio']:.2f}x" for s in systems if s != "plain"
-        ])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    lines = [" | ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))]
-    lines.append("-+-".join("-" * w for w in widths))
-    lines += [" | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    """Markdown: one row per case and system."""
+    lines = ["| case | system | step time vs twin | saved MiB | bytes/element | peak MiB |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in records:
+        if r["system"] == r["baseline"] and r["system"] != "plain":
+            continue  # the twins of revnet and momentumnet appear through their ratio
+        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"| {r['label']} | {r['system']} | {r['step_time_ratio']:.2f}x | "
+                     f"{r['saved_mib']:.1f} | {r['saved_bytes_per_element']:.1f} | {peak} |")
     return "\n".join(lines)
+
+
+def plot(records: list[dict], out: Path) -> list[Path]:
+    """Saved memory and step-time ratio against depth, for the conv stage at batch 32."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stage = [r for r in records if r["case"] == "conv" and r["batch"] == max(
+        q["batch"] for q in records if q["case"] == "conv")]
+    paths = []
+    for key, label, log in (("saved_mib", "saved for backward (MiB)", True),
+                            ("step_time_ratio", "step time / plain-autograd twin", False)):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for system in dict.fromkeys(r["system"] for r in stage):
+            points = sorted((r["depth"], r[key]) for r in stage if r["system"] == system)
+            ax.plot(*zip(*points, strict=True), marker="o", label=system)
+        ax.set_xscale("log", base=2)
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("depth (blocks)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / f"{key}.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
 
 
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "processor": platform.processor() or platform.machine(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -159,20 +346,40 @@ def machine() -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small settings (a smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings, no peak memory (a smoke test)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, help="timing rounds (default: 5, quick: 1)")
+    parser.add_argument("--no-peak", action="store_true",
+                        help="skip the peak-memory measurements (one process each)")
+    parser.add_argument("--budget-gib", type=float, default=16.0,
+                        help="memory budget for the largest-batch estimate (default 16)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("momres bench: --device cuda, but no CUDA device is available.")
-    depths, rounds, batch = ([2, 4], 1, 4) if args.quick else ([8, 32, 128], 7, 32)
-    records = stage_records(depths, batch=batch, rounds=rounds, device=args.device,
-                            progress=lambda s: print(f"[bench] {s}", flush=True))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(
-        json.dumps({"records": records, "machine": machine()}, indent=2)
-    )
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(
+            f"momres bench: cannot create the output folder {args.out}: {error}") from None
+    cases, rounds = plan(args.quick)
+    rounds = args.rounds or rounds
+    systems, notes = available_systems()
+    for note in notes:
+        print(f"[bench] note: {note}", flush=True)
+    records: list[dict] = []
+    for n, case in enumerate(cases, 1):
+        print(f"[bench] {n}/{len(cases)} {case.label()}", flush=True)
+        records += measure(case, case.systems(systems), rounds, args.device,
+                           peak=not (args.no_peak or args.quick),
+                           budget_gib=args.budget_gib)
+        # Written after every case: an interrupted run keeps what it measured.
+        (args.out / "bench.json").write_text(json.dumps(
+            {"records": records, "machine": machine(), "notes": notes,
+             "command": " ".join(sys.argv), "rounds": rounds}, indent=2))
+    plot(records, args.out)
     print(format_table(records))
     return 0
