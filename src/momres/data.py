@@ -15,7 +15,7 @@ needs (classes, channels, image size).
 ``cifar100``       torchvision's pickle files in ``DATA_DIR/cifar-100-python``.
 ``imagenet``       ``ImageFolder`` over ``DATA_DIR/train`` and ``DATA_DIR/val`` (one folder per
                    class in each, as torchvision's reference scripts expect).
-``synthetic``      random 3x32x32 images and labels, for smoke tests.
+``synthetic``      random 3x16x16 images and labels (128 / 64), for smoke tests.
 =================  ==========================================================================
 
 ``download=True`` fetches Fashion-MNIST and CIFAR with torchvision's downloaders (needs internet).
@@ -247,15 +247,17 @@ def _imagenet(root: Path, augment: bool, size: int = 224) -> ImageData:
                      image_size=size, small_images=False)
 
 
-def _synthetic(augment: bool, n_train: int = 512, n_test: int = 128) -> ImageData:
+def _synthetic(
+    augment: bool, n_train: int = 128, n_test: int = 64, size: int = 16
+) -> ImageData:
     generator = torch.Generator().manual_seed(0)  # the same data whatever the training seed
-    images = torch.randint(0, 256, (n_train + n_test, 3, 32, 32), dtype=torch.uint8,
+    images = torch.randint(0, 256, (n_train + n_test, 3, size, size), dtype=torch.uint8,
                            generator=generator)
     labels = torch.randint(0, 10, (n_train + n_test,), generator=generator)
     stats = STATS["synthetic"]
-    flip = _crop_flip(32, 4, flip=True) if augment else None
+    flip = _crop_flip(size, 2, flip=True) if augment else None
     return ImageData(
         "synthetic", TensorImages(images[:n_train], labels[:n_train], *stats, flip),
         TensorImages(images[n_train:], labels[n_train:], *stats), num_classes=10,
-        in_channels=3, image_size=32, small_images=True,
+        in_channels=3, image_size=size, small_images=True,
     )

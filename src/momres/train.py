@@ -11,7 +11,7 @@ the end, ``summary.json``. Every file is written atomically (temporary file, the
 
 Memory, ``peak_memory_mib``: on CUDA, ``torch.cuda.max_memory_allocated`` over the epoch. On CPU,
 which has no allocator counter, the bytes of the parameters, buffers and optimizer state plus the
-peak of (allocations - frees) that ``torch.profiler`` traces during the epoch's first training
+peak of (allocations - frees) that ``torch.profiler`` traces during the epoch's second training
 step. ``activation_memory_mib``: bytes autograd saves for backward in one training forward pass
 (:func:`momres.activation_memory`), on every device.
 """
@@ -19,6 +19,7 @@ step. ``activation_memory_mib``: bytes autograd saves for backward in one traini
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -95,6 +96,11 @@ class Config:
                              "cosine.")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise ValueError(f"momres: --amp takes bfloat16 or float16, not {self.amp!r}.")
+        from . import models
+
+        if self.model not in models.list_models():
+            raise ValueError(f"momres: unknown model {self.model!r}; choose one of "
+                             f"{', '.join(models.list_models())}.")
 
 
 def seed_everything(seed: int) -> None:
@@ -108,9 +114,6 @@ def build_model(name: str, data: ImageData, *, gamma: float, memory_efficient: b
     """A registry model (``momres.models``) shaped for ``data``."""
     from . import models
 
-    if name not in models.list_models():
-        raise ValueError(f"momres: unknown model {name!r}; choose one of "
-                         f"{', '.join(models.list_models())}.")
     options = {"num_classes": data.num_classes, "in_channels": data.in_channels,
                "gamma": gamma, "memory_efficient": memory_efficient}
     if data.small_images and name.removeprefix("m") in _IMAGENET_NAMES:
@@ -189,13 +192,32 @@ def traced_peak_bytes(step: Callable[[], Any]) -> tuple[Any, int]:
     This sees every CPU tensor allocation of the thread, with its size, in order; the peak is
     relative to the memory in use when ``step`` starts.
     """
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # else kineto logs every start and stop
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                  profile_memory=True)
+    with _silenced_stderr():  # kineto prints a line at every start and stop
+        prof.start()
+    try:
         result = step()
+    finally:
+        with _silenced_stderr():
+            prof.stop()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     return result, max(0, max(accumulate(e.nbytes() for e in events), default=0))
+
+
+@contextlib.contextmanager
+def _silenced_stderr() -> Iterator[None]:
+    """Send file descriptor 2 (where C++ libraries log) to /dev/null for a moment."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
@@ -264,7 +286,7 @@ class Trainer:
 
     def log(self, message: str) -> None:
         if self.main:
-            tqdm.write(message)
+            tqdm.write(message, file=sys.stderr)
 
     def _loaders(self) -> tuple[DataLoader, DataLoader]:
         config, cuda = self.config, self.device.type == "cuda"
@@ -300,10 +322,10 @@ class Trainer:
             loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss is {loss.item()}")
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
         return loss.detach(), (logits.argmax(1) == y).sum()
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -315,6 +337,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, count
         peak = 0
+        traced = min(1, len(self.train_loader) - 1)  # past the first step's one-time work
         start = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"{self.config.model} {epoch + 1}/{self.config.epochs}",
                    disable=not (self.main and self.config.progress), leave=True,
@@ -323,7 +346,7 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             try:
-                if step == 0 and not cuda:
+                if step == traced and not cuda:
                     state = tensor_bytes(chain(self.model.parameters(), self.model.buffers(),
                                                _optimizer_tensors(self.optimizer)))
                     (loss, correct), traced = traced_peak_bytes(lambda x=x, y=y: self._step(x, y))
@@ -496,9 +519,11 @@ def _prepare_out(out: Path, resume: bool) -> None:
     except OSError as error:
         raise PermissionError(f"momres: cannot write to the output folder {out} ({error}); "
                               "choose another --out.") from None
-    if not resume and (out / "checkpoint.pt").exists():
-        raise FileExistsError(f"momres: {out} already holds a training run (checkpoint.pt); add "
-                              "--resume to continue it, or choose another --out.")
+    if not resume:
+        if (out / "checkpoint.pt").exists():
+            raise FileExistsError(f"momres: {out} already holds a training run (checkpoint.pt); "
+                                  "add --resume to continue it, or choose another --out.")
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # of a run stopped before its checkpoint
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
@@ -575,8 +600,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+    summary = {}
+
+    def train() -> None:
+        summary.update(Trainer(config).fit())
+
+    rc = report_errors(train)
+    if rc == 0 and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return rc
+
+
+def report_errors(action: Callable[[], Any]) -> int:
+    """Run ``action``: 0, or 2 after printing a momres error without its traceback.
+
+    momres's own errors (messages starting "momres:") say what went wrong and what to do;
+    anything else is a bug and keeps its traceback.
+    """
     try:
-        summary = Trainer(config).fit()
+        action()
     except (ValueError, OSError, FloatingPointError) as error:
         if not str(error).startswith("momres:"):
             raise
@@ -585,6 +627,4 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2))
     return 0

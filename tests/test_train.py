@@ -1,0 +1,193 @@
+"""``momres train``: outputs, resume, divergence, fine-tuning, torchrun, clear errors."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from momres import cli, models
+from momres.train import Config, Trainer, load_pretrained
+
+
+def settings(tmp_path, name="run", **changes) -> Config:
+    base = Config(out=tmp_path / name, dataset="synthetic", model="mresnet20", epochs=1,
+                  batch_size=64, device="cpu", progress=False)
+    return dataclasses.replace(base, **changes)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_command_writes_metrics_checkpoints_and_figures(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--dataset", "synthetic", "--model", "mresnet20", "--epochs", "2",
+                   "--batch-size", "64", "--schedule", "cosine", "--lr", "0.2", "--amp",
+                   "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                    "epoch_seconds", "peak_memory_mib"):
+            assert isinstance(r[key], float), key
+        assert 0 <= r["train_accuracy"] <= 1 and 0 <= r["test_accuracy"] <= 1
+        assert (r["test_accuracy"] * 64).is_integer()  # all 64 test images, counted once
+        assert r["peak_memory_mib"] > 0
+    assert records[0]["lr"] == 0.2 and records[1]["lr"] == pytest.approx(0.1)  # cosine, 2 epochs
+    config = json.loads((out / "config.json").read_text())
+    assert config["amp"] == "bfloat16" and config["schedule"] == "cosine"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["activation_memory_mib"] > 0
+    assert summary["test_accuracy"] == records[-1]["test_accuracy"]
+    assert json.loads(capsys.readouterr().out)["model"] == "mresnet20"
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2
+    assert torch.load(out / "best.pt", weights_only=True)["best_accuracy"] == max(
+        r["test_accuracy"] for r in records)
+    assert not list(out.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path):
+    common = {"epochs": 2, "schedule": "step", "milestones": [1], "lr": 0.05}
+    Trainer(settings(tmp_path, "straight", **common)).fit()
+
+    interrupted = Trainer(settings(tmp_path, "resumed", **common))
+    interrupted.run_epoch(0)  # then the process "dies"
+    del interrupted
+    resumed = Trainer(settings(tmp_path, "resumed", resume=True, **common))
+    assert resumed.start_epoch == 1
+    resumed.fit()
+
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    momentum = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    assert all(torch.equal(x, s["momentum_buffer"])
+               for x, s in zip(momentum, b["optimizer"]["state"].values(), strict=True))
+    same = ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+    assert [{k: r[k] for k in same} for r in read_metrics(tmp_path / "straight")] == [
+        {k: r[k] for k in same} for r in read_metrics(tmp_path / "resumed")]
+    assert read_metrics(tmp_path / "resumed")[1]["lr"] == pytest.approx(0.005)  # the schedule too
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(settings(tmp_path, epochs=2))
+    trainer.run_epoch(0)
+    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with torch.no_grad():
+        trainer.model.fc.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError,
+                       match=r"diverged at epoch 2, step 1.*checkpoint\.pt, after epoch 1"):
+        trainer.run_epoch(1)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == good
+    assert len(read_metrics(tmp_path / "run")) == 1
+
+
+def test_init_from_torchvision_state_dict(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=1000).state_dict()
+    model = models.create_model("mresnet18", num_classes=10, in_channels=1)
+    fresh = load_pretrained_from(tmp_path, model, reference)
+    assert fresh == ["fc.weight", "fc.bias"]
+    state = model.state_dict()
+    assert torch.equal(state["conv1.weight"], reference["conv1.weight"].sum(1, keepdim=True))
+    for key in ("layer3.1.conv2.weight", "layer4.0.downsample.1.running_var", "bn1.bias"):
+        assert torch.equal(state[key], reference[key]), key
+    cifar_stem = models.create_model("mresnet18", num_classes=10, stem="cifar")
+    assert load_pretrained_from(tmp_path, cifar_stem, reference) == [
+        "conv1.weight", "fc.weight", "fc.bias"]
+
+
+def load_pretrained_from(tmp_path, model, state):
+    path = tmp_path / "weights.pth"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)  # as saved by a DDP model
+    return load_pretrained(model, path)
+
+
+def test_fine_tuning_run_starts_from_the_weights_with_a_new_head(tmp_path):
+    torch.manual_seed(1)
+    source = models.create_model("resnet20", num_classes=100)  # torchvision module names
+    torch.save(source.state_dict(), tmp_path / "resnet20.pth")
+    trainer = Trainer(settings(tmp_path, init_from=tmp_path / "resnet20.pth"))
+    state = trainer.model.state_dict()
+    assert state["fc.weight"].shape == (10, 64)
+    for key, value in source.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(state[key], value), key
+    record = trainer.run_epoch(0)
+    assert record["train_loss"] < 10
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "momres", "train", "--dataset", "synthetic", "--model", "mresnet20",
+         "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--no-progress",
+         "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    (record,) = read_metrics(out)
+    assert (record["test_accuracy"] * 64).is_integer()  # both halves of the test set, summed
+    assert record["images_per_second"] > 0
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(checkpoint["rng"]) == 2  # every rank's random state, for --resume
+    assert not any(k.startswith("module.") for k in checkpoint["model"])
+    assert result.stdout.count('"model": "mresnet20"') == 1  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_short_digits_run_reaches_90_percent(tmp_path):
+    summary = Trainer(Config(out=tmp_path / "digits", dataset="digits", model="mresnet20",
+                             epochs=3, batch_size=32, lr=0.05, schedule="cosine", device="cpu",
+                             progress=False)).fit()
+    assert summary["test_accuracy"] >= 0.90
+
+
+def train(tmp_path, capsys, *args):
+    rc = cli.main(["train", "--device", "cpu", "--no-progress", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_clear_errors(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "run")]
+    rc, err = train(tmp_path, capsys, "--model", "resnet7", *out)
+    assert rc == 2 and "unknown model 'resnet7'" in err and "mresnet56" in err
+    rc, err = train(tmp_path, capsys, "--dataset", "cifar10", "--data-dir", str(tmp_path), *out)
+    assert rc == 2 and "cifar-10-batches-py" in err and "--download" in err
+    (tmp_path / "file").write_text("")
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--out",
+                    str(tmp_path / "file" / "run"))
+    assert rc == 2 and "cannot write to the output folder" in err and "--out" in err
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--resume", *out)
+    assert rc == 2 and "no checkpoint" in err
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--init-from",
+                    str(tmp_path / "missing.pth"), *out)
+    assert rc == 2 and "missing.pth: no such file" in err
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--amp", "float16", *out)
+    assert rc == 2 and "float16 needs CUDA" in err
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        cli.main(["train", "--dataset", "mnist", *out])
+    with pytest.raises(ValueError, match="unknown data set 'mnist'"):
+        Trainer(Config(out=tmp_path / "run", dataset="mnist"))
+
+
+def test_an_earlier_run_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"precious")
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--out", str(tmp_path / "run"))
+    assert rc == 2 and "already holds a training run" in err and "--resume" in err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == b"precious"
