@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..momentum import MomentumNet
+from ..train import traced_peak_bytes
 
 MIB = 2**20
 #: Colours used for the same system in every figure.
@@ -32,12 +33,12 @@ def progress(iterable: Iterable, desc: str, total: int | None = None) -> tqdm:
 
 
 @contextlib.contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` intra-op threads (``None``: unchanged).  Tiny models run fastest on one:
-    with more, thread synchronisation costs more than the arithmetic."""
+def threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads.  The experiments' models are small: on one thread they
+    run at most a little slower, and on a shared machine much faster (synchronising threads
+    that compete for cores costs more than the arithmetic)."""
     before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -96,6 +97,13 @@ def trajectory(net: MomentumNet, x: torch.Tensor, *args, **kwargs) -> torch.Tens
         for hook in hooks:
             hook.remove()
     return torch.stack([*states, out])
+
+
+def peak_step_memory(model: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes allocated by one training step (forward, loss, backward) beyond those in use
+    before it, as traced by ``torch.profiler`` (``momres.train.traced_peak_bytes``)."""
+    x = x.detach().requires_grad_()
+    return traced_peak_bytes(lambda: model(x).square().mean().backward())[1]
 
 
 def save_figure(fig: Figure, out: Path, name: str) -> Path:

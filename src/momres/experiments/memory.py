@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from .. import _backprop, _exact
 from ..bench import conv_block, conv_stage
@@ -45,47 +41,6 @@ class Config:
 FULL = Config(depths=(8, 16, 32, 64, 128), batch=32)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storages created inside it that are still alive; keeps the
-    peak.  A storage is counted once, when an op first returns it, and released by a
-    finalizer when it dies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def _release(self, ptr: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self.seen.discard(ptr)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr and ptr not in self.seen:
-                    self.seen.add(ptr)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._release, ptr, storage.nbytes())
-                    self.peak = max(self.peak, self.live)
-        return out
-
-
-def peak_step_memory(model: nn.Module, x: torch.Tensor) -> int:
-    """Peak bytes of the tensors allocated by one training step (forward, loss, backward),
-    beyond those that existed before it: the CPU analogue of ``max_memory_allocated``.
-
-    It sees every tensor an operator returns (activations, temporaries, gradients), not the
-    allocator's cache nor kernels' internal workspaces.
-    """
-    x = x.detach().requires_grad_()
-    with _LiveBytes() as mode:
-        model(x).square().mean().backward()
-    return mode.peak
-
-
 def resnet_stage(depth: int, channels: int) -> MomentumNet:
     """The conv blocks of ``conv_stage`` as a ResNet: ``gamma = 0`` is ``x <- x + f(x)``."""
     torch.manual_seed(0)
@@ -115,14 +70,15 @@ def run(out: Path, config: Config = Config(), seed: int = 0) -> dict:
     x = torch.randn(config.batch, config.channels, config.size, config.size)
     saved = {s: [] for s in SYSTEMS}
     peak = {s: [] for s in SYSTEMS}
-    for depth in _common.progress(config.depths, "depths"):
-        for system in SYSTEMS:
-            model = (resnet_stage(depth, config.channels) if system == "resnet"
-                     else conv_stage(system, depth, config.channels))
-            saved[system].append(activation_memory(model, x.requires_grad_()) / _common.MIB)
-            peak[system].append(peak_step_memory(model, x) / _common.MIB)
-    rates = [buffer_rate(g, config.buffer_bits)
-             for g in _common.progress(config.gammas, "buffer")]
+    with _common.threads(1):
+        for depth in _common.progress(config.depths, "depths"):
+            for system in SYSTEMS:
+                model = (resnet_stage(depth, config.channels) if system == "resnet"
+                         else conv_stage(system, depth, config.channels))
+                saved[system].append(activation_memory(model, x.requires_grad_()) / _common.MIB)
+                peak[system].append(_common.peak_step_memory(model, x) / _common.MIB)
+        rates = [buffer_rate(g, config.buffer_bits)
+                 for g in _common.progress(config.gammas, "buffer")]
 
     metrics: dict = {"depths": list(config.depths)}
     for system in SYSTEMS:
