@@ -119,15 +119,15 @@ class MomentumStage(nn.Sequential):
 
 
 class MomentumStageList(MomentumStage):
-    """A converted ``nn.ModuleList``: its parent's loop runs the momentum stage as one step.
+    """A converted ``nn.ModuleList``: its parent's loop runs the whole stage as one step.
 
     Indexing and ``len`` still see the blocks, but iteration (``for block in self.blocks:
-    x = block(x, ...)``, the usual way a ``ModuleList`` is run) yields the plain blocks, then
-    ``self.momentum``.  A parent that calls the blocks by index bypasses the momentum stage.
+    x = block(x, ...)``, the usual way a ``ModuleList`` is run) yields the stage itself, once.
+    A parent that calls the blocks by index bypasses the momentum stage.
     """
 
     def __iter__(self) -> Iterator[nn.Module]:
-        return iter([*list(self._modules.values())[: self.plain], self.momentum])
+        return iter([self])
 
 
 class MomentumTransformerEncoder(nn.Module):

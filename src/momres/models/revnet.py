@@ -91,7 +91,6 @@ class ReversibleStage(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         blocks = self._blocks()
         if self.memory_efficient and torch.is_grad_enabled():
-            _halves(x)
             # The momentum fields of Stage (gamma = 1/1, exact mode) are unused here.
             stage, params, tensors = build_stage(blocks, True, 1, 1, False, 0, args, kwargs)
             if x.requires_grad or params or any(t.requires_grad for t in tensors):
