@@ -27,7 +27,7 @@ def read_metrics(out):
 def test_command_writes_metrics_checkpoints_and_figures(tmp_path, capsys):
     out = tmp_path / "run"
     rc = cli.main(["train", "--dataset", "synthetic", "--model", "mresnet20", "--epochs", "2",
-                   "--batch-size", "64", "--schedule", "cosine", "--lr", "0.2", "--amp",
+                   "--batch-size", "64", "--schedule", "cosine", "--lr", "0.2",
                    "--device", "cpu", "--no-progress", "--out", str(out)])
     assert rc == 0
     records = read_metrics(out)
@@ -41,7 +41,7 @@ def test_command_writes_metrics_checkpoints_and_figures(tmp_path, capsys):
         assert r["peak_memory_mib"] > 0
     assert records[0]["lr"] == 0.2 and records[1]["lr"] == pytest.approx(0.1)  # cosine, 2 epochs
     config = json.loads((out / "config.json").read_text())
-    assert config["amp"] == "bfloat16" and config["schedule"] == "cosine"
+    assert config["schedule"] == "cosine" and config["out"] == str(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["activation_memory_mib"] > 0
     assert summary["test_accuracy"] == records[-1]["test_accuracy"]
@@ -77,6 +77,15 @@ def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path):
     assert [{k: r[k] for k in same} for r in read_metrics(tmp_path / "straight")] == [
         {k: r[k] for k in same} for r in read_metrics(tmp_path / "resumed")]
     assert read_metrics(tmp_path / "resumed")[1]["lr"] == pytest.approx(0.005)  # the schedule too
+
+
+def test_bfloat16_autocast_step(tmp_path):
+    trainer = Trainer(settings(tmp_path, amp="bfloat16", batch_size=16))
+    x, y = next(iter(trainer.train_loader))
+    before = trainer.model.fc.weight.detach().clone()
+    loss, correct = trainer._step(x, y)
+    assert torch.isfinite(loss) and 0 <= correct <= len(y)
+    assert not torch.equal(before, trainer.model.fc.weight)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -152,7 +161,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
 @pytest.mark.slow
 def test_short_digits_run_reaches_90_percent(tmp_path):
     summary = Trainer(Config(out=tmp_path / "digits", dataset="digits", model="mresnet20",
-                             epochs=3, batch_size=32, lr=0.05, schedule="cosine", device="cpu",
+                             epochs=3, batch_size=32, lr=0.1, schedule="cosine", device="cpu",
                              progress=False)).fit()
     assert summary["test_accuracy"] >= 0.90
 

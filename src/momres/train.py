@@ -102,6 +102,10 @@ class Config:
             raise ValueError(f"momres: unknown model {self.model!r}; choose one of "
                              f"{', '.join(models.list_models())}.")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as JSON values (paths as strings): for config.json and checkpoints."""
+        return json.loads(json.dumps(asdict(self), default=str))
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's (CPU and every CUDA device) generators."""
@@ -183,7 +187,7 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def traced_peak_bytes(step: Callable[[], Any]) -> tuple[Any, int]:
@@ -279,7 +283,7 @@ class Trainer:
                                     " training step")
         if self.main:
             write_json(self.out / "config.json", {
-                **asdict(config), "world_size": self.world_size, "device": str(self.device),
+                **config.as_dict(), "world_size": self.world_size, "device": str(self.device),
                 "memory_counter": self.memory_counter, "momres": __version__,
                 "torch": torch.__version__,
             })
@@ -306,9 +310,9 @@ class Trainer:
 
     def _activation_memory(self) -> int:
         """Bytes saved for backward by one training forward pass, on a copy of the model."""
-        batch = torch.stack([self.data.train[i][0] for i in range(self.config.batch_size)])
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices), self._autocast():
+        with torch.random.fork_rng(devices), self._autocast():  # leaves training's RNG alone
+            batch = torch.stack([self.data.train[i][0] for i in range(self.config.batch_size)])
             return activation_memory(copy.deepcopy(self.model).train(), batch.to(self.device))
 
     def _autocast(self):
@@ -456,7 +460,7 @@ class Trainer:
         if self.world_size > 1:
             dist.all_gather_object(states, rng)
         return {
-            "momres": __version__, "epoch": epochs_done, "config": asdict(self.config),
+            "momres": __version__, "epoch": epochs_done, "config": self.config.as_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": states, "records": self.records,
