@@ -106,9 +106,10 @@ def test_imagenet_family_is_torchvisions_with_the_same_state_dict():
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mresnet32", "mresnet18", "revnet38"])
-def test_one_channel_inputs_and_cifar_stem(name):
+def test_one_channel_inputs_common_options_and_cifar_stem(name):
     options = {"stem": "cifar"} if name == "mresnet18" else {}
-    net = models.create_model(name, num_classes=10, in_channels=1, **options)
+    net = models.create_model(name, num_classes=10, in_channels=1, gamma=0.5,
+                              memory_efficient=True, exact=False, checkpoint=True, **options)
     out = net(torch.randn(2, 1, 28, 28))
     assert out.shape == (2, 10)
     if name == "mresnet18":  # 3x3 stride-1 stem, no max-pool: layer1 sees the full image

@@ -61,7 +61,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """A new model ``name``, built with ``kwargs``.
 
     Every model accepts ``num_classes``, ``in_channels`` (3), ``gamma`` (0.9),
-    ``memory_efficient`` (True) and ``exact`` (True); the ImageNet family also ``stem``.
+    ``memory_efficient`` (True), ``exact`` (True) and ``checkpoint`` (False), the options of
+    ``to_momentum``; the ImageNet family also ``stem``.
     """
     if name not in _MODELS:
         raise ValueError(

@@ -275,9 +275,11 @@ def revnet(
     memory_efficient: bool = True,
     gamma: float = 0.9,
     exact: bool = True,
+    checkpoint: bool = False,
 ) -> RevNet:
-    """A CIFAR RevNet; ``gamma`` and ``exact`` are accepted for the registry and ignored."""
-    del gamma, exact  # no momentum, and the coupling is inverted in floating point
+    """A CIFAR RevNet; ``gamma``, ``exact`` and ``checkpoint`` are accepted for the registry
+    and ignored."""
+    del gamma, exact, checkpoint  # no momentum; the coupling is inverted in floating point
     return RevNet(units, widths, num_classes, in_channels, memory_efficient)
 
 
