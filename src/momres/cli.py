@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": "demo",
     "bench": "bench",
     "train": "train",
+    "experiment": "experiments",
 }
 
 

@@ -123,8 +123,13 @@ def finish(out: Path, claim: str, metrics: dict[str, Any], config: Any, seed: in
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{claim}\nreproduced: {result['reproduced']}")
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            print(f"  {key} = {value:.4g}")
+    for key, value in metrics.items():  # the numbers, not the long curves
+        for name, v in value.items() if isinstance(value, dict) else [("", value)]:
+            label = f"{key}.{name}" if name else key
+            if isinstance(v, float):
+                print(f"  {label} = {v:.4g}")
+            elif isinstance(v, list) and len(v) <= 10 and all(
+                    isinstance(i, (int, float)) for i in v):
+                print(f"  {label} = " + ", ".join(f"{i:.4g}" for i in v))
     print(f"written: {out / 'result.json'}")
     return result
