@@ -12,16 +12,6 @@ from momres import models, to_momentum
 from momres.convert import momentum_stages
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread per process is several times faster than OpenMP's team, more
-    so when the cores are shared (``pytest -n 2``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 

@@ -13,16 +13,6 @@ IMAGENET = {f"{prefix}resnet{d}" for prefix in ("", "m") for d in models.imagene
 HEAVY = {"resnet101", "resnet152", "mresnet101", "mresnet152"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread per process is several times faster than OpenMP's team, more
-    so when the cores are shared (``pytest -n 2``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def set_memory_efficient(model: torch.nn.Module, on: bool) -> None:
     for stage in momentum_stages(model).values():
         stage.momentum.memory_efficient = on

@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from . import _exact
 from ._fusion import fused
-from ._replay import AutocastState, RngState, frozen_batchnorm, restored_rng
+from ._replay import AutocastState, RngState, frozen_batchnorm, mha_fast_path_off, restored_rng
 
 _STATE_LOG: dict[str, dict[int, tuple[torch.Tensor, ...]]] | None = None
 
@@ -63,7 +63,7 @@ def evaluate(
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(
             f"momres: block {n} ({type(f).__name__}) maps x of shape {tuple(x.shape)} to "
-            f"{got}; every block of a momentum stage must keep the shape of x. Keep "
+            f"{got}; every block of a memory-free stage must keep the shape of its input. Keep "
             "shape-changing layers (strided or channel-changing blocks) outside the stage."
         )
     return y if residual else y - x
@@ -71,26 +71,18 @@ def evaluate(
 
 @dataclass
 class Stage:
-    """Everything about one momentum stage that is not a tensor input of the Function."""
+    """A stage of blocks as a memory-free Function sees it (everything but the tensors)."""
 
     functions: list[nn.Module]
     residual: bool
-    num: int
-    den: int
-    exact: bool
-    frac_bits: int
     params: list[torch.Tensor]  # trainable parameters, in the order they enter the Function
-    block_params: list[list[int]]  # per block: indices of its parameters among the inputs
+    block_params: list[list[int]]  # per block: indices of its parameters in ``params``
     arg_spec: pytree.TreeSpec
     arg_leaves: list[Any]  # flattened (args, kwargs); tensors replaced at call time
 
     @property
     def n_params(self) -> int:
         return len(self.params)
-
-    @property
-    def gamma(self) -> float:
-        return self.num / self.den
 
     def arguments(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple, dict]:
         """Rebuild ``(args, kwargs)`` with ``tensors`` in place of the tensor leaves."""
@@ -99,9 +91,22 @@ class Stage:
         return pytree.tree_unflatten(leaves, self.arg_spec)
 
 
+@dataclass(frozen=True)
+class Rule:
+    """The momentum rule: ``gamma = num/den`` and how it is inverted."""
+
+    num: int
+    den: int
+    exact: bool
+    frac_bits: int
+
+    @property
+    def gamma(self) -> float:
+        return self.num / self.den
+
+
 def build_stage(
-    functions: list[nn.Module], residual: bool, num: int, den: int, exact: bool, frac_bits: int,
-    args: tuple, kwargs: dict,
+    functions: list[nn.Module], residual: bool, args: tuple, kwargs: dict
 ) -> tuple[Stage, list[torch.Tensor], list[torch.Tensor]]:
     """The stage description, its trainable parameters and the tensors among the arguments."""
     params: list[torch.Tensor] = []
@@ -118,19 +123,17 @@ def build_stage(
         block_params.append(mine)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    stage = Stage(functions, residual, num, den, exact, frac_bits, params, block_params, spec,
-                  leaves)
-    return stage, params, tensors
+    return Stage(functions, residual, params, block_params, spec, leaves), params, tensors
 
 
-def _check_range(stage: Stage, x0: torch.Tensor, v0: torch.Tensor, gmax: list) -> None:
+def _check_range(rule: Rule, x0: torch.Tensor, v0: torch.Tensor, gmax: list) -> None:
     """Raise unless every fixed-point value stayed inside the exactly representable range.
 
     Float64 integers do not wrap around, but past 2**53 they silently round.  A bound on the
     largest ``|x|`` and ``|v|`` reached, from ``|x_0|``, ``|v_0|`` and each block's largest
     ``|g|``, proves they did not; one device synchronisation per forward pass.
     """
-    gamma, limit = stage.gamma, _exact.range_limit(stage.frac_bits)
+    gamma, limit = rule.gamma, _exact.range_limit(rule.frac_bits)
     extremes = [*torch.aminmax(x0.detach()), *torch.aminmax(v0.detach()), *gmax]
     values = torch.stack([t.double() for t in extremes]).abs().view(-1, 2).amax(1).tolist()
     x_bound, v_bound, *peaks = values
@@ -146,116 +149,161 @@ def _check_range(stage: Stage, x0: torch.Tensor, v0: torch.Tensor, gmax: list) -
     if not x_bound < limit:
         raise OverflowError(
             f"momres: activations of the momentum stage may reach {x_bound:.3g}, beyond the "
-            f"exact fixed-point range +-{limit:.3g} (frac_bits={stage.frac_bits}). Rescale the "
+            f"exact fixed-point range +-{limit:.3g} (frac_bits={rule.frac_bits}). Rescale the "
             "input or the blocks (normalisation), lower frac_bits (each bit fewer doubles the "
             "range and halves the resolution), or use exact=False."
         )
+
+
+class Recorder:
+    """Forward side of a memory-free Function: runs blocks without a graph and remembers what
+    the backward pass must replay (generator states, autocast, arguments)."""
+
+    def __init__(self, ctx, stage: Stage, arg_tensors: tuple[torch.Tensor, ...],
+                 device: torch.device) -> None:
+        self.stage, self.device, self.arg_tensors = stage, device, arg_tensors
+        self.args, self.kwargs = stage.arguments(arg_tensors)
+        self.rng: dict[int, RngState] = {}
+        ctx.stage, ctx.device, ctx.autocast = stage, device, AutocastState.capture(device)
+
+    def __call__(self, n: int, x: torch.Tensor) -> torch.Tensor:
+        """``g = f_n(x)``, as the backward pass will recompute it."""
+        f, before, version = self.stage.functions[n], RngState.capture(self.device), x._version
+        # Without grad, attention would take fused kernels that the recompute (with grad)
+        # cannot: both passes must compute the same numbers.
+        with mha_fast_path_off():
+            g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual)
+        if x._version != version:
+            raise RuntimeError(
+                f"momres: block {n} ({type(f).__name__}) modified its input in place; the "
+                "memory-free backward needs it intact. Use inplace=False for its first op."
+            )
+        if before.differs_from(RngState.capture(self.device)):
+            self.rng[n] = before
+        return g
+
+    def save(self, ctx, state: list[torch.Tensor]) -> None:
+        """Everything the backward needs goes through ``save_for_backward`` (and is counted)."""
+        ctx.n_state = len(state)
+        ctx.rng_blocks = sorted(self.rng)
+        ctx.rng_has_cuda = [self.rng[n].cuda is not None for n in ctx.rng_blocks]
+        rng_tensors = [t for n in ctx.rng_blocks for t in self.rng[n].tensors()]
+        ctx.save_for_backward(*state, *rng_tensors, *self.arg_tensors)
+
+
+class Replayer:
+    """Backward side: evaluates each block once more, with grad, exactly as in the forward
+    pass, and accumulates the gradients of its parameters and tensor arguments."""
+
+    def __init__(self, ctx, first_param: int, remedy: str) -> None:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "momres: double backward (create_graph=True) through a memory-free stage is "
+                f"not supported. Use {remedy} for higher-order gradients."
+            )
+        self.stage: Stage = ctx.stage
+        self.device, self.autocast = ctx.device, ctx.autocast
+        saved = ctx.saved_tensors
+        self.state, rest = list(saved[: ctx.n_state]), saved[ctx.n_state :]
+        self.rng: dict[int, RngState] = {}
+        for n, has_cuda in zip(ctx.rng_blocks, ctx.rng_has_cuda, strict=True):
+            self.rng[n] = RngState(rest[0], rest[1] if has_cuda else None)
+            rest = rest[2 if has_cuda else 1 :]
+        needs = ctx.needs_input_grad[first_param:]
+        self.param_needs = needs[: self.stage.n_params]
+        self.arg_needs = needs[self.stage.n_params :]
+        # One leaf per argument tensor that needs a gradient, shared by all blocks.
+        leaves = [t.detach().requires_grad_() if need else t
+                  for t, need in zip(rest, self.arg_needs, strict=True)]
+        self.args, self.kwargs = self.stage.arguments(tuple(leaves))
+        self.grad_args = [t for t, need in zip(leaves, self.arg_needs, strict=True) if need]
+        self.param_grads: list[torch.Tensor | None] = [None] * self.stage.n_params
+        self.arg_grads: list[torch.Tensor | None] = [None] * len(self.grad_args)
+
+    def pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block ``n`` at ``x``, evaluated once: its value ``g`` and ``J_x^T cotangent``.
+
+        ``scale * (dg/dtheta)^T cotangent`` is added to the gradients of the block's parameters
+        and of the tensor arguments.
+        """
+        x = x.detach().requires_grad_()
+        f = self.stage.functions[n]
+        with torch.enable_grad(), self.autocast.replay(), restored_rng(
+            self.rng.get(n), self.device
+        ), frozen_batchnorm(f):
+            g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual)
+        mine = [j for j in self.stage.block_params[n] if self.param_needs[j]]
+        wrt = [x, *(self.stage.params[j] for j in mine), *self.grad_args]
+        grads = torch.autograd.grad(g, wrt, cotangent, allow_unused=True)
+        _accumulate(self.param_grads, mine, grads[1 : 1 + len(mine)], scale)
+        _accumulate(self.arg_grads, range(len(self.grad_args)), grads[1 + len(mine) :], scale)
+        return g.detach(), grads[0]
+
+    def input_grads(self) -> list[torch.Tensor | None]:
+        """Gradients for the Function's parameter and argument inputs, in their order."""
+        it = iter(self.arg_grads)
+        return [*self.param_grads, *(next(it) if need else None for need in self.arg_needs)]
 
 
 class MomentumFunction(torch.autograd.Function):
     """Forward: the momentum stage without a graph.  Backward: rebuild and backpropagate."""
 
     @staticmethod
-    def forward(ctx, stage: Stage, x0: torch.Tensor, v0: torch.Tensor, *inputs: torch.Tensor):
+    def forward(ctx, stage: Stage, rule: Rule, x0: torch.Tensor, v0: torch.Tensor,
+                *inputs: torch.Tensor):
         # The parameters are inputs only so that their gradients leave through backward();
         # the blocks use them directly.
-        arg_tensors = inputs[stage.n_params :]
-        args, kwargs = stage.arguments(arg_tensors)
-        device, dtype = x0.device, x0.dtype
-        ctx.stage, ctx.device, ctx.dtype = stage, device, dtype
-        ctx.autocast = AutocastState.capture(device)
-        rng: dict[int, RngState] = {}
-
-        def run(n: int, f: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            before = RngState.capture(device)
-            version = x._version
-            g = evaluate(n, f, x, args, kwargs, stage.residual)
-            if x._version != version:
-                raise RuntimeError(
-                    f"momres: block {n} ({type(f).__name__}) modified its input in place; the "
-                    "memory-free backward needs it intact. Use inplace=False for its first op."
-                )
-            if before.differs_from(RngState.capture(device)):
-                rng[n] = before
-            return g
-
-        if stage.exact:
-            k, num, den = stage.frac_bits, stage.num, stage.den
-            scale, unit = (1 - stage.gamma) * 2.0**k, 2.0**-k
+        run = Recorder(ctx, stage, inputs[stage.n_params :], x0.device)
+        ctx.rule, dtype = rule, x0.dtype
+        ctx.dtype = dtype
+        if rule.exact:
+            k, num, den = rule.frac_bits, rule.num, rule.den
+            scale, unit = (1 - rule.gamma) * 2.0**k, 2.0**-k
             X, V = _exact.to_grid(x0, k), _exact.to_units(v0, k)
             buf, tmp = torch.zeros_like(X), torch.empty_like(X)
             checksum = torch.stack([X.sum(), V.sum()])
             schedule = _exact.spill_schedule(num, den, len(stage.functions))
             spilled, gmax = [], []
             step = fused(_exact.forward_step_, X)
-            for n, f in enumerate(stage.functions):
+            for n in range(len(stage.functions)):
                 _log("forward", n, X, V, buf)
                 if schedule[n]:
                     spilled.append(buf)
                     buf = torch.zeros_like(X)
-                g = run(n, f, X.to(dtype, copy=True)).to(dtype)
+                g = run(n, X.to(dtype, copy=True)).to(dtype)
                 gmax.extend(torch.aminmax(g))
                 V, buf, tmp = step(X, V, buf, tmp, g, num, den, scale, unit)
-            _check_range(stage, x0, v0, gmax)
+            _check_range(rule, x0, v0, gmax)
             x_out, remainder = _exact.split_grid(X, k, dtype)
             v_out = _exact.from_units(V, k, dtype)
             ctx.has_remainder = remainder is not None
             state = [x_out, *([remainder] if ctx.has_remainder else []), V, buf, checksum,
                      *spilled]
         else:
-            gamma = stage.gamma
+            gamma = rule.gamma
             X, V = x0.detach().clone(), v0.detach().clone()
-            for n, f in enumerate(stage.functions):
-                g = run(n, f, X)
+            for n in range(len(stage.functions)):
+                g = run(n, X)
                 V.mul_(gamma).add_(g, alpha=1 - gamma)
                 X.add_(V)
             x_out, v_out = X, V
             state = [X, V]
-        ctx.n_state = len(state)
-        ctx.rng_blocks = sorted(rng)
-        ctx.rng_has_cuda = [rng[n].cuda is not None for n in ctx.rng_blocks]
-        rng_tensors = [t for n in ctx.rng_blocks for t in rng[n].tensors()]
-        ctx.save_for_backward(*state, *rng_tensors, *arg_tensors)
+        run.save(ctx, state)
         return x_out, v_out
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor, grad_v: torch.Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "momres: double backward (create_graph=True) through a memory-free momentum "
-                "stage is not supported. Use MomentumNet(..., memory_efficient=False) for "
-                "higher-order gradients."
-            )
-        stage: Stage = ctx.stage
-        saved = ctx.saved_tensors
-        state, rest = saved[: ctx.n_state], saved[ctx.n_state :]
-        rng: dict[int, RngState] = {}
-        for n, has_cuda in zip(ctx.rng_blocks, ctx.rng_has_cuda, strict=True):
-            rng[n] = RngState(rest[0], rest[1] if has_cuda else None)
-            rest = rest[2 if has_cuda else 1 :]
-        arg_tensors = rest
-        needs = ctx.needs_input_grad[3:]
-        param_needs, arg_needs = needs[: stage.n_params], needs[stage.n_params :]
-        params = stage.params
-        # Leaves to differentiate with respect to, one per argument tensor needing a gradient.
-        arg_leaves = [t.detach().requires_grad_() if need else t
-                      for t, need in zip(arg_tensors, arg_needs, strict=True)]
-        args, kwargs = stage.arguments(tuple(arg_leaves))
-        grad_args = [leaf for leaf, need in zip(arg_leaves, arg_needs, strict=True) if need]
-        param_grads: list[torch.Tensor | None] = [None] * stage.n_params
-        arg_grads: list[torch.Tensor | None] = [None] * len(grad_args)
-
-        gamma, dtype = stage.gamma, ctx.dtype
-        if stage.exact:
-            k, num, den = stage.frac_bits, stage.num, stage.den
+        replay = Replayer(ctx, 4, "MomentumNet(..., memory_efficient=False)")
+        stage, state, rule = replay.stage, replay.state, ctx.rule
+        gamma, dtype = rule.gamma, ctx.dtype
+        if rule.exact:
+            k, num, den = rule.frac_bits, rule.num, rule.den
             scale, unit = (1 - gamma) * 2.0**k, 2.0**-k
-            if ctx.has_remainder:
-                X = _exact.join_grid(state[0], state[1], k)
-                state = state[2:]
-            else:
-                X, state = _exact.join_grid(state[0], None, k), state[1:]
-            V, buf = state[0].clone(), state[1].clone()
-            checksum, spilled = state[2], list(state[3:])
+            remainder = state.pop(1) if ctx.has_remainder else None
+            X = _exact.join_grid(state[0], remainder, k)
+            V, buf = state[1].clone(), state[2].clone()
+            checksum, spilled = state[3], state[4:]
             tmp = torch.empty_like(X)
             schedule = _exact.spill_schedule(num, den, len(stage.functions))
             step = fused(_exact.backward_step_, X)
@@ -267,37 +315,27 @@ class MomentumFunction(torch.autograd.Function):
         # The vector-Jacobian product is taken with b itself and scaled when accumulated.
         a_x, a_v = grad_x.clone(), grad_v
         for n in reversed(range(len(stage.functions))):
-            f = stage.functions[n]
-            if stage.exact:
+            if rule.exact:
                 X.sub_(V, alpha=unit)  # x_n = x_{n+1} - v_{n+1}
-                x = X.to(dtype, copy=True).requires_grad_()
+                x = X.to(dtype, copy=True)
             else:
-                X.sub_(V)
-                x = X.detach().requires_grad_()
-            with torch.enable_grad(), ctx.autocast.replay(), restored_rng(
-                rng.get(n), ctx.device
-            ), frozen_batchnorm(f):
-                g = evaluate(n, f, x, args, kwargs, stage.residual)
-            # Rebuild v_n from the same evaluation used for the gradient below.
-            if stage.exact:
-                V, buf, tmp = step(V, buf, tmp, g.detach().to(dtype), num, den, scale)
+                x = X.sub_(V)
+            b = a_x + a_v
+            # One evaluation of the block, used for the gradient and to rebuild v_n.
+            g, grad = replay.pull(n, x, b, 1 - gamma)
+            if grad is not None:
+                a_x.add_(grad, alpha=1 - gamma)
+            a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
+            if rule.exact:
+                V, buf, tmp = step(V, buf, tmp, g.to(dtype), num, den, scale)
                 if schedule[n]:
                     leftovers.append(buf.any())
                     buf = spilled.pop()
                 _log("backward", n, X, V, buf)
             else:
-                V.sub_(g.detach(), alpha=1 - gamma).div_(gamma)
-            b = a_x + a_v
-            mine = [j for j in stage.block_params[n] if param_needs[j]]
-            wrt = [x, *(params[j] for j in mine), *grad_args]
-            grads = torch.autograd.grad(g, wrt, b, allow_unused=True)
-            if grads[0] is not None:
-                a_x.add_(grads[0], alpha=1 - gamma)
-            _accumulate(param_grads, mine, grads[1 : 1 + len(mine)], 1 - gamma)
-            _accumulate(arg_grads, range(len(grad_args)), grads[1 + len(mine) :], 1 - gamma)
-            a_v = b.mul_(gamma)  # last: a gradient above may be b itself
+                V.sub_(g, alpha=1 - gamma).div_(gamma)
 
-        if stage.exact:
+        if rule.exact:
             intact = torch.equal(torch.stack([X.sum(), V.sum()]), checksum)
             if not intact or bool(buf.any()) or any(bool(t) for t in leftovers):
                 raise RuntimeError(
@@ -309,9 +347,7 @@ class MomentumFunction(torch.autograd.Function):
                     "backward, or layers with side effects (e.g. spectral norm's power "
                     "iteration) inside the blocks."
                 )
-        it = iter(arg_grads)
-        arg_out = [next(it) if need else None for need in arg_needs]
-        return (None, a_x, a_v, *param_grads, *arg_out)
+        return (None, None, a_x, a_v, *replay.input_grads())
 
 
 def _accumulate(total: list, indices, grads, scale: float) -> None:

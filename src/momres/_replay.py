@@ -9,18 +9,21 @@ compute the same function as the first and must leave no trace of its own:
 * BatchNorm layers in training mode normalise with the same batch statistics, and their
   running statistics (and ``num_batches_tracked``) are restored after the recompute, so they
   are updated once per forward pass;
-* autocast is re-entered with the forward's settings (the backward runs outside it).
+* autocast is re-entered with the forward's settings (the backward runs outside it);
+* attention stays off its fused no-grad kernels in the forward pass, which the recompute,
+  running with grad, could not use.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 
 def _cuda_devices(device: torch.device) -> list[int]:
@@ -88,6 +91,29 @@ def frozen_batchnorm(module: nn.Module) -> Iterator[None]:
         for m, buffers in zip(norms, real, strict=True):
             for name, buffer in buffers.items():
                 setattr(m, name, buffer)
+
+
+def checkpointed(fn: Callable, module: nn.Module, *args, **kwargs):
+    """``fn(*args, **kwargs)`` under ``torch.utils.checkpoint`` (non-reentrant), with the
+    recompute leaving the BatchNorm statistics of ``module`` alone."""
+    contexts = lambda: (contextlib.nullcontext(), frozen_batchnorm(module))
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+
+
+@contextlib.contextmanager
+def mha_fast_path_off() -> Iterator[None]:
+    """Keep ``nn.MultiheadAttention`` (and transformer layers) off their fused kernels.
+
+    Without grad, eval-mode attention takes a fused fast path that a pass with grad cannot
+    take; the memory-free forward (without grad) and its recompute (with grad) must compute
+    the same numbers, so the forward stays off it too.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @dataclass(frozen=True)

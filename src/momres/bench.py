@@ -35,9 +35,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ._replay import frozen_batchnorm
+from ._replay import checkpointed
 from .memory import activation_memory
 from .momentum import MomentumNet
 
@@ -74,10 +73,7 @@ class CheckpointStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = torch.zeros_like(x)
         for segment in self.segments:
-            # The recompute must not update BatchNorm running statistics a second time.
-            contexts = lambda s=segment: (torch.enable_grad(), frozen_batchnorm(s))
-            x, v = checkpoint(segment._forward_autograd, x, v, (), {}, use_reentrant=False,
-                              context_fn=contexts)
+            x, v = checkpointed(segment._forward_autograd, segment, x, v, (), {})
         return x
 
 

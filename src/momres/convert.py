@@ -12,9 +12,7 @@ ways between a model and its converted twin.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -22,42 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
-from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from torchvision.models.vision_transformer import Encoder as VitEncoder
 
-from ._replay import frozen_batchnorm
+from ._replay import checkpointed
 from .momentum import MomentumNet
-
-
-def _recompute_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
-    # torch.utils.checkpoint's recompute would update BatchNorm running statistics twice.
-    return contextlib.nullcontext(), frozen_batchnorm(block)
-
-
-@contextlib.contextmanager
-def _mha_fast_path_off() -> Iterator[None]:
-    """Keep ``nn.MultiheadAttention`` (and encoder layers) off their fused eval-mode kernels.
-
-    The memory-free forward runs its blocks without grad, where eval-mode attention takes its
-    fused fast path; the backward's recompute runs with grad, where it cannot.  The exact
-    rebuild needs both passes to compute the same numbers, so the forward stays off it too.
-    """
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
-
-
-class _StageNet(MomentumNet):
-    """``MomentumNet`` whose memory-free forward keeps attention off its fast path."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        if not (self.memory_efficient and torch.is_grad_enabled()):
-            return super().forward(x, *args, **kwargs)
-        with _mha_fast_path_off():
-            return super().forward(x, *args, **kwargs)
 
 
 class MomentumStage(nn.Sequential):
@@ -93,7 +59,7 @@ class MomentumStage(nn.Sequential):
             )
         self.plain = plain
         self.checkpoint = checkpoint
-        momentum = _StageNet(
+        momentum = MomentumNet(
             list(self._modules.values())[plain:], gamma, residual=False,
             memory_efficient=memory_efficient, exact=exact,
         )
@@ -109,10 +75,7 @@ class MomentumStage(nn.Sequential):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         for block in list(self._modules.values())[: self.plain]:
             if self.checkpoint and torch.is_grad_enabled():
-                x = torch_checkpoint(
-                    block, x, *args, use_reentrant=False,
-                    context_fn=functools.partial(_recompute_contexts, block), **kwargs,
-                )
+                x = checkpointed(block, block, x, *args, **kwargs)
             else:
                 x = block(x, *args, **kwargs)
         return self.momentum(x, *args, **kwargs)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import _exact
-from ._backprop import MomentumFunction, build_stage, evaluate
+from ._backprop import MomentumFunction, Rule, build_stage, evaluate
 
 
 class MomentumNet(nn.Module):
@@ -103,15 +103,14 @@ class MomentumNet(nn.Module):
                 "the initial velocity must have the shape of x."
             )
         if self.memory_efficient and torch.is_grad_enabled():
-            num, den = self.gamma_fraction
-            stage, params, tensors = build_stage(
-                list(self.functions), self.residual, num, den, self.exact,
-                self.frac_bits or _exact.default_frac_bits(x.dtype), args, kwargs,
-            )
+            stage, params, tensors = build_stage(list(self.functions), self.residual, args,
+                                                 kwargs)
             if x.requires_grad or v.requires_grad or params or any(
                 t.requires_grad for t in tensors
             ):
-                x, v = MomentumFunction.apply(stage, x, v, *params, *tensors)
+                rule = Rule(*self.gamma_fraction, self.exact,
+                            self.frac_bits or _exact.default_frac_bits(x.dtype))
+                x, v = MomentumFunction.apply(stage, rule, x, v, *params, *tensors)
                 return (x, v) if return_velocity else x
         x, v = self._forward_autograd(x, v, args, kwargs)
         return (x, v) if return_velocity else x

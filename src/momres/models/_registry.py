@@ -28,9 +28,12 @@ def _create(
     gamma: float = 0.9,
     memory_efficient: bool = True,
     exact: bool = True,
-    checkpoint: bool = False,
+    checkpoint: bool = True,
     **kwargs,
 ) -> nn.Module:
+    # The registry's momentum models are built for the least memory: the first block of each
+    # stage, which changes the shape and cannot be inverted, is recomputed in the backward
+    # pass too (checkpoint=False stores its activations instead).
     model = build(**kwargs)
     if not momentum:
         return model  # a plain ResNet has no momentum options to apply

@@ -19,9 +19,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import conv3x3
 
-from .._backprop import Stage, _accumulate, build_stage, evaluate
-from .._replay import AutocastState, RngState, frozen_batchnorm, restored_rng
-from ..convert import _mha_fast_path_off
+from .._backprop import Recorder, Replayer, Stage, build_stage, evaluate
 from ._registry import register_model
 from .cifar import PadShortcut
 
@@ -91,11 +89,10 @@ class ReversibleStage(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         blocks = self._blocks()
         if self.memory_efficient and torch.is_grad_enabled():
-            # The momentum fields of Stage (gamma = 1/1, exact mode) are unused here.
-            stage, params, tensors = build_stage(blocks, True, 1, 1, False, 0, args, kwargs)
+            _halves(x)
+            stage, params, tensors = build_stage(blocks, True, args, kwargs)
             if x.requires_grad or params or any(t.requires_grad for t in tensors):
-                with _mha_fast_path_off():
-                    return ReversibleFunction.apply(stage, x, *params, *tensors)
+                return ReversibleFunction.apply(stage, x, *params, *tensors)
         step = lambda n, z: evaluate(n, blocks[n], z, args, kwargs, True)
         return _couple(x, step, len(self.f_blocks))
 
@@ -113,84 +110,27 @@ class ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stage: Stage, x: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        arg_tensors = inputs[stage.n_params :]
-        args, kwargs = stage.arguments(arg_tensors)
-        ctx.stage, ctx.device = stage, x.device
-        ctx.autocast = AutocastState.capture(x.device)
-        rng: dict[int, RngState] = {}
-
-        def step(n: int, z: torch.Tensor) -> torch.Tensor:
-            f, before, version = stage.functions[n], RngState.capture(x.device), z._version
-            out = evaluate(n, f, z, args, kwargs, True)
-            if z._version != version:
-                raise RuntimeError(
-                    f"momres: block {n} ({type(f).__name__}) modified its input in place; the "
-                    "memory-free backward needs it intact. Use inplace=False for its first op."
-                )
-            if before.differs_from(RngState.capture(x.device)):
-                rng[n] = before
-            return out
-
-        y = _couple(x, step, len(stage.functions) // 2)
-        ctx.rng_blocks = sorted(rng)
-        ctx.rng_has_cuda = [rng[n].cuda is not None for n in ctx.rng_blocks]
-        rng_tensors = [t for n in ctx.rng_blocks for t in rng[n].tensors()]
-        ctx.save_for_backward(y, *rng_tensors, *arg_tensors)
+        run = Recorder(ctx, stage, inputs[stage.n_params :], x.device)
+        y = _couple(x, run, len(stage.functions) // 2)
+        run.save(ctx, [y])
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "momres: double backward (create_graph=True) through a memory-free reversible "
-                "stage is not supported. Use ReversibleStage(..., memory_efficient=False) for "
-                "higher-order gradients."
-            )
-        stage: Stage = ctx.stage
-        y, *rest = ctx.saved_tensors
-        rng: dict[int, RngState] = {}
-        for n, has_cuda in zip(ctx.rng_blocks, ctx.rng_has_cuda, strict=True):
-            rng[n] = RngState(rest[0], rest[1] if has_cuda else None)
-            rest = rest[2 if has_cuda else 1 :]
-        needs = ctx.needs_input_grad[2:]
-        param_needs, arg_needs = needs[: stage.n_params], needs[stage.n_params :]
-        arg_leaves = [t.detach().requires_grad_() if need else t
-                      for t, need in zip(rest, arg_needs, strict=True)]
-        args, kwargs = stage.arguments(tuple(arg_leaves))
-        grad_args = [leaf for leaf, need in zip(arg_leaves, arg_needs, strict=True) if need]
-        param_grads: list[torch.Tensor | None] = [None] * stage.n_params
-        arg_grads: list[torch.Tensor | None] = [None] * len(grad_args)
-
-        def pull(n: int, z: torch.Tensor, cotangent: torch.Tensor):
-            """Block ``n`` at ``z``, evaluated once: its value, and ``J_z^T cotangent``."""
-            z = z.detach().requires_grad_()
-            f = stage.functions[n]
-            with torch.enable_grad(), ctx.autocast.replay(), restored_rng(
-                rng.get(n), ctx.device
-            ), frozen_batchnorm(f):
-                out = evaluate(n, f, z, args, kwargs, True)
-            mine = [j for j in stage.block_params[n] if param_needs[j]]
-            wrt = [z, *(stage.params[j] for j in mine), *grad_args]
-            grads = torch.autograd.grad(out, wrt, cotangent, allow_unused=True)
-            _accumulate(param_grads, mine, grads[1 : 1 + len(mine)], 1.0)
-            _accumulate(arg_grads, range(len(grad_args)), grads[1 + len(mine) :], 1.0)
-            return out.detach(), grads[0]
-
+        replay = Replayer(ctx, 2, "ReversibleStage(..., memory_efficient=False)")
         # a1, a2: dL/dy1, dL/dy2 of the coupling being undone.
-        y1, y2 = _halves(y.detach())
+        y1, y2 = _halves(replay.state[0].detach())
         a1, a2 = _halves(grad_y)
-        for n in reversed(range(0, len(stage.functions), 2)):
-            g, vjp = pull(n + 1, y1, a2)  # y2 = x2 + G(y1)
+        for n in reversed(range(0, len(replay.stage.functions), 2)):
+            g, vjp = replay.pull(n + 1, y1, a2)  # y2 = x2 + G(y1)
             x2 = y2 - g
             if vjp is not None:
                 a1 = a1 + vjp
-            f, vjp = pull(n, x2, a1)  # y1 = x1 + F(x2)
+            f, vjp = replay.pull(n, x2, a1)  # y1 = x1 + F(x2)
             y1, y2 = y1 - f, x2
             if vjp is not None:
                 a2 = a2 + vjp
-        it = iter(arg_grads)
-        arg_out = [next(it) if need else None for need in arg_needs]
-        return (None, torch.cat([a1, a2], dim=1), *param_grads, *arg_out)
+        return (None, torch.cat([a1, a2], dim=1), *replay.input_grads())
 
 
 def _branch(width_in: int, width: int, stride: int = 1) -> nn.Sequential:
