@@ -151,3 +151,11 @@ def test_cli_rejects_bad_arguments(tmp_path):
         main(["experiment", "rings", "--out", str(tmp_path), "--seed", "-1"])
     with pytest.raises(SystemExit):
         main(["experiment", "nonsense", "--out", str(tmp_path)])
+
+
+def test_result_json_is_strict_json(tmp_path):
+    """A diverged error (inf) is written as null, not as the non-standard Infinity."""
+    result = _common.finish(tmp_path, "claim", {"error": math.inf, "curve": [1.0, math.nan]},
+                            dynamics1d.Config(), seed=0, reproduced=True)
+    assert result["metrics"] == {"error": None, "curve": [1.0, None]}
+    assert "Infinity" not in (tmp_path / "result.json").read_text()

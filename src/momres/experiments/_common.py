@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,9 @@ COLORS = {"momentum": "tab:red", "resnet": "tab:blue", "revnet": "tab:green",
           "checkpoint": "tab:purple", "momentum-float": "tab:orange"}
 
 
-def progress(iterable: Iterable, desc: str, total: int | None = None) -> tqdm:
+def progress(iterable: Iterable, desc: str) -> tqdm:
     """A tqdm progress bar (on stderr) labelled ``desc``."""
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
 
 
 @contextlib.contextmanager
@@ -114,16 +115,27 @@ def save_figure(fig: Figure, out: Path, name: str) -> Path:
     return path
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (a diverged error) replaced by ``None``: strict
+    JSON has no infinity."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def finish(out: Path, claim: str, metrics: dict[str, Any], config: Any, seed: int,
            reproduced: bool) -> dict[str, Any]:
-    """Write ``out/result.json`` and print a summary; the result as a dict."""
-    result = {"claim": claim, "metrics": metrics,
+    """Write ``out/result.json`` and print a summary; the result as a dict.  Non-finite
+    numbers are written as ``null``."""
+    result = {"claim": claim, "metrics": _json_safe(metrics),
               "config": {**dataclasses.asdict(config), "seed": seed},
               "reproduced": bool(reproduced)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "result.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     print(f"{claim}\nreproduced: {result['reproduced']}")
-    for key, value in metrics.items():  # the numbers, not the long curves
+    for key, value in result["metrics"].items():  # the numbers, not the long curves
         for name, v in value.items() if isinstance(value, dict) else [("", value)]:
             label = f"{key}.{name}" if name else key
             if isinstance(v, float):
