@@ -250,6 +250,7 @@ def measure(case: Case, systems: list[str], rounds: int, device: str, peak: bool
         records.append({
             "case": case.kind, "label": case.label(), "system": system, "baseline": twin,
             "depth": case.depth, "batch": case.batch, "model": case.name or None,
+            "rounds": rounds,
             "step_seconds": statistics.median(times[system]),
             "step_time_ratio": statistics.median(
                 a / b for a, b in zip(times[system], times[twin], strict=True)),
@@ -273,20 +274,20 @@ def stage_records(depths: list[int], batch: int = 32, rounds: int = 3,
     return records
 
 
-def plan(quick: bool) -> tuple[list[Case], int]:
-    """The cases and the number of timing rounds."""
+def plan(quick: bool) -> list[tuple[Case, int]]:
+    """The cases, each with its number of timing rounds."""
     if quick:  # every kind of case, tiny, no peak measurement (one process each)
-        return [Case("conv", 4, depth=3, width=8, size=8),
-                Case("cifar", 2, name="resnet20", size=16),
-                Case("transformer", 2, depth=2, width=32, size=8)], 1
-    conv = [Case("conv", 32, depth=d) for d in (8, 32, 128, 256)]
-    conv += [Case("conv", b, depth=32) for b in (8, 128)]
-    models = [Case("cifar", 32, name="resnet110", size=32),
-              Case("cifar", 32, name="revnet110", size=32),
-              Case("imagenet", 4, name="resnet50", size=224),
-              Case("imagenet", 4, name="resnet101", size=224),
-              Case("transformer", 16, depth=12, width=256, size=128)]
-    return conv + models, 5
+        return [(Case("conv", 4, depth=3, width=8, size=8), 1),
+                (Case("cifar", 2, name="resnet20", size=16), 1),
+                (Case("transformer", 2, depth=2, width=32, size=8), 1)]
+    return [(Case("conv", 32, depth=8), 7), (Case("conv", 32, depth=32), 7),
+            (Case("conv", 32, depth=128), 3), (Case("conv", 32, depth=256), 3),
+            (Case("conv", 8, depth=32), 7),
+            (Case("cifar", 32, name="resnet110", size=32), 3),
+            (Case("cifar", 32, name="revnet110", size=32), 3),
+            (Case("imagenet", 2, name="resnet50", size=224), 3),
+            (Case("imagenet", 2, name="resnet101", size=224), 3),
+            (Case("transformer", 16, depth=12, width=256, size=128), 3)]
 
 
 def format_table(records: list[dict]) -> str:
@@ -345,7 +346,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings, no peak memory (a smoke test)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, help="timing rounds (default: 5, quick: 1)")
+    parser.add_argument("--rounds", type=int, help="timing rounds for every case (default: "
+                        "7 for small cases, 3 for large ones, 1 with --quick)")
     parser.add_argument("--no-peak", action="store_true",
                         help="skip the peak-memory measurements (one process each)")
     parser.add_argument("--budget-gib", type=float, default=16.0,
@@ -361,21 +363,20 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise SystemExit(
             f"momres bench: cannot create the output folder {args.out}: {error}") from None
-    cases, rounds = plan(args.quick)
-    rounds = args.rounds or rounds
+    cases = plan(args.quick)
     systems, notes = available_systems()
     for note in notes:
         print(f"[bench] note: {note}", flush=True)
     records: list[dict] = []
-    for n, case in enumerate(cases, 1):
+    for n, (case, rounds) in enumerate(cases, 1):
         print(f"[bench] {n}/{len(cases)} {case.label()}", flush=True)
-        records += measure(case, case.systems(systems), rounds, args.device,
+        records += measure(case, case.systems(systems), args.rounds or rounds, args.device,
                            peak=not (args.no_peak or args.quick),
                            budget_gib=args.budget_gib)
         # Written after every case: an interrupted run keeps what it measured.
         (args.out / "bench.json").write_text(json.dumps(
             {"records": records, "machine": machine(), "notes": notes,
-             "command": " ".join(sys.argv), "rounds": rounds}, indent=2))
+             "command": " ".join(sys.argv)}, indent=2))
     plot(records, args.out)
     print(format_table(records))
     return 0
