@@ -29,8 +29,8 @@ from ..momentum import MomentumNet
 from . import _common
 
 CLAIM = ("Unrolled with weights shared across layers and trained at depth T, a Momentum ResNet "
-         "learns a convergent iteration (heavy ball): its error keeps falling at 2T, 4T, 8T. "
-         "A RevNet, volume-preserving, cannot converge to the minimiser.")
+         "learns a convergent iteration (heavy ball): unrolled further, to 2T, 4T, 8T, its error "
+         "goes to zero. A RevNet, volume-preserving, cannot converge to the minimiser.")
 
 SYSTEMS = ("momentum", "revnet", "resnet")
 

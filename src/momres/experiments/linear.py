@@ -36,7 +36,7 @@ class Config:
     lr: float = 0.05
 
 
-FULL = Config(depth=64, random_targets=16, steps=2000)
+FULL = Config(depth=64, random_targets=8, steps=1000)
 
 
 class LinearStep(nn.Module):
@@ -127,11 +127,12 @@ def run(out: Path, config: Config = Config(), seed: int = 0) -> dict:
     fig = Figure(figsize=(10, 3.6))
     left, middle, right = fig.subplots(1, 3)
     lam = torch.linspace(-40, 1.5, 800, dtype=torch.float64)
-    left.plot(lam, lam.exp(), color=_common.COLORS["resnet"], label="ResNet (ε = 0): exp(λ)")
     for e, color in zip([0.05, 0.25, 1.0, 4.0], ["#fcae91", "#fb6a4a", "#de2d26", "#a50f15"],
                         strict=True):
         left.plot(lam, reach(torch.tensor(e, dtype=torch.float64), lam), color=color,
                   label=f"ε = {e:g}")
+    left.plot(lam, lam.exp(), "--", color=_common.COLORS["resnet"],
+              label="ResNet (ε → 0): exp(λ)")
     left.axhline(0, color="k", lw=0.5)
     left.set_ylim(-1, 1.5)
     left.set_xlabel("eigenvalue λ of θ")
@@ -155,7 +156,7 @@ def run(out: Path, config: Config = Config(), seed: int = 0) -> dict:
         values = [errors[name]] + [r[f"{name}_error"] for r in records]
         right.bar(xs + shift, values, width=0.4, color=_common.COLORS[name], label=name)
     bounds = [metrics["resnet_bound"]] + [r["resnet_bound"] for r in records]
-    right.scatter(xs - 0.2, bounds, marker="_", s=150, color="k", label="bound for det > 0")
+    right.scatter(xs - 0.2, bounds, marker="_", s=150, color="k", label="ResNet bound (det > 0)")
     right.set_xticks(xs, names, fontsize=7)
     right.set_ylabel("error up to scale")
     right.set_title("fitted targets (sign of det)", fontsize=9)
