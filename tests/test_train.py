@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from momres import cli, models
-from momres.train import Config, Trainer, load_pretrained
+from momres.train import Config, Trainer, load_pretrained, lr_factor
 
 
 def settings(tmp_path, name="run", **changes) -> Config:
@@ -27,7 +27,8 @@ def read_metrics(out):
 def test_command_writes_metrics_checkpoints_and_figures(tmp_path, capsys):
     out = tmp_path / "run"
     rc = cli.main(["train", "--dataset", "synthetic", "--model", "mresnet20", "--epochs", "2",
-                   "--batch-size", "64", "--schedule", "cosine", "--lr", "0.2",
+                   "--batch-size", "32", "--train-subset", "64", "--schedule", "cosine",
+                   "--lr", "0.2",
                    "--device", "cpu", "--no-progress", "--out", str(out)])
     assert rc == 0
     records = read_metrics(out)
@@ -42,6 +43,7 @@ def test_command_writes_metrics_checkpoints_and_figures(tmp_path, capsys):
     assert records[0]["lr"] == 0.2 and records[1]["lr"] == pytest.approx(0.1)  # cosine, 2 epochs
     config = json.loads((out / "config.json").read_text())
     assert config["schedule"] == "cosine" and config["out"] == str(out)
+    assert config["train_subset"] == 64
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["activation_memory_mib"] > 0
     assert summary["test_accuracy"] == records[-1]["test_accuracy"]
@@ -52,6 +54,18 @@ def test_command_writes_metrics_checkpoints_and_figures(tmp_path, capsys):
     assert torch.load(out / "best.pt", weights_only=True)["best_accuracy"] == max(
         r["test_accuracy"] for r in records)
     assert not list(out.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_learning_rate_schedules(tmp_path):
+    step = Config(out=tmp_path, epochs=8, milestones=[4, 6], lr_decay=0.1)
+    assert [lr_factor(step, e) for e in range(8)] == pytest.approx(
+        [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    cosine = Config(out=tmp_path, epochs=5, schedule="cosine", warmup_epochs=1)
+    factors = [lr_factor(cosine, e) for e in range(5)]
+    assert factors[:3] == pytest.approx([0.1, 1, 0.5 * (1 + 2**-0.5)])
+    assert all(a > b for a, b in zip(factors[1:], factors[2:], strict=False))
+    with pytest.raises(ValueError, match="warmup-epochs"):
+        Config(out=tmp_path, epochs=2, warmup_epochs=2).check()
 
 
 def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path):

@@ -27,10 +27,11 @@ DEPTHS = (20, 32, 44, 56, 110)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
-    parser.add_argument("--depth", type=int, choices=DEPTHS, default=20,
-                        help="depth of the two networks trained (default: 20)")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--depth", type=int, choices=DEPTHS, default=56,
+                        help="depth of the two networks trained (default: 56)")
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--gamma", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
 
@@ -58,7 +59,8 @@ def train_pair(args: argparse.Namespace) -> dict[str, dict]:
             (out / stale).unlink(missing_ok=True)
         trainers[name] = Trainer(Config(
             out=out, dataset="digits", model=name, gamma=args.gamma, epochs=args.epochs,
-            batch_size=args.batch_size, lr=0.1, schedule="cosine", seed=args.seed, device="cpu",
+            batch_size=args.batch_size, lr=args.lr, warmup_epochs=min(1, args.epochs - 1),
+            schedule="cosine", seed=args.seed, device="cpu",
         ))
     for epoch in range(args.epochs):
         for trainer in trainers.values():
@@ -118,13 +120,15 @@ def report(args, summaries: dict[str, dict], depths: list[dict], seconds: float)
     saved = plain["activation_memory_mib"] / momentum["activation_memory_mib"]
     peak = plain["peak_memory_mib"] / momentum["peak_memory_mib"]
     slower = momentum["mean_epoch_seconds"] / plain["mean_epoch_seconds"]
+    warmup = plain["warmup_epochs"]
     depth_rows = "\n".join(
         f"| {r['depth']} | {r['resnet_mib']:.1f} | {r['mresnet_mib']:.1f} | "
         f"{r['resnet_mib'] / r['mresnet_mib']:.1f}x |" for r in depths)
     return f"""# momres demo: ResNet-{args.depth} and its Momentum twin on digits
 
 scikit-learn's digits (1,437 training and 360 test images, 16x16), {args.epochs} epochs each,
-batch {args.batch_size}, SGD (lr 0.1, momentum 0.9, weight decay 5e-4, cosine schedule),
+batch {args.batch_size}, SGD (lr {args.lr}, momentum 0.9, weight decay 5e-4, {warmup} warm-up
+epoch from lr/10, then cosine),
 gamma = {args.gamma}, seed {args.seed}; the two trained in turn, epoch by epoch, on the CPU.
 
 {table(summaries)}

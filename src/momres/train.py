@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import pickle
 import random
@@ -70,6 +71,7 @@ class Config:
     schedule: str = "step"
     milestones: list[int] | None = None  # step schedule; default: 1/2 and 3/4 of the epochs
     lr_decay: float = 0.1
+    warmup_epochs: int = 0  # linear warm-up from lr/10 before the schedule
     amp: str | None = None  # "bfloat16" or "float16" autocast
     memory_efficient: bool = True
     seed: int = 0
@@ -77,6 +79,7 @@ class Config:
     workers: int | None = None  # default: 4 on CUDA, 0 on CPU (the data sets live in memory)
     resume: bool = False
     init_from: Path | None = None
+    train_subset: int | None = None  # train on this many images (a fixed random subset)
     progress: bool = True  # tqdm bars (rank 0 only)
 
     def check(self) -> None:
@@ -84,8 +87,10 @@ class Config:
         if self.dataset not in DATASETS:
             raise ValueError(f"momres: unknown data set {self.dataset!r}; choose one of "
                              f"{', '.join(DATASETS)}.")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError("momres: --warmup-epochs must be in [0, --epochs).")
+        for name in ("epochs", "batch_size", "train_subset"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"momres: --{name.replace('_', '-')} must be at least 1.")
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError("momres: need --lr > 0, --weight-decay >= 0, 0 <= --momentum < 1.")
@@ -105,6 +110,17 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON values (paths as strings): for config.json and checkpoints."""
         return json.loads(json.dumps(asdict(self), default=str))
+
+
+def lr_factor(config: Config, epoch: int) -> float:
+    """The learning rate of ``epoch`` (from 0) over ``config.lr``: warm-up, then the schedule."""
+    if epoch < config.warmup_epochs:  # linear from lr/10, as He et al. start deep ResNets
+        return 0.1 + 0.9 * epoch / config.warmup_epochs
+    if config.schedule == "cosine":
+        progress = (epoch - config.warmup_epochs) / max(1, config.epochs - config.warmup_epochs)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    milestones = config.milestones or [config.epochs // 2, config.epochs * 3 // 4]
+    return config.lr_decay ** sum(epoch >= m for m in milestones)
 
 
 def seed_everything(seed: int) -> None:
@@ -264,13 +280,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
                                          momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        if config.schedule == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
-                                                                        config.epochs)
-        else:
-            milestones = config.milestones or [config.epochs // 2, config.epochs * 3 // 4]
-            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones,
-                                                                  config.lr_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda epoch: lr_factor(config, epoch))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "float16")
         self.train_loader, self.test_loader = self._loaders()
 
@@ -296,6 +307,9 @@ class Trainer:
         config, cuda = self.config, self.device.type == "cuda"
         workers = config.workers if config.workers is not None else (4 if cuda else 0)
         train = self.data.train
+        if config.train_subset is not None:  # the same images for every seed and model
+            keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+            train = Subset(train, keep[: config.train_subset].tolist())
         if len(train) < config.batch_size * self.world_size:
             raise ValueError(f"momres: the training set has {len(train)} images, fewer than one "
                              f"batch per process ({config.batch_size}); lower --batch-size.")
@@ -437,7 +451,8 @@ class Trainer:
         return {
             "model": self.config.model, "dataset": self.config.dataset,
             "gamma": self.config.gamma, "memory_efficient": self.config.memory_efficient,
-            "epochs": len(records), "test_accuracy": last.get("test_accuracy"),
+            "epochs": len(records), "warmup_epochs": self.config.warmup_epochs,
+            "test_accuracy": last.get("test_accuracy"),
             "best_test_accuracy": max((r["test_accuracy"] for r in records), default=None),
             "mean_epoch_seconds": float(np.mean([r["epoch_seconds"] for r in records]))
             if records else None,
@@ -589,6 +604,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="step: lr x --lr-decay at each milestone; cosine: cosine annealing to 0")
     add("--milestones", type=int, nargs="+", help="epochs of the step schedule (default: 1/2, 3/4)")
     add("--lr-decay", type=float, default=d.lr_decay, help="step schedule factor")
+    add("--warmup-epochs", type=int, default=d.warmup_epochs,
+        help="linear warm-up from lr/10 over these first epochs (deep plain ResNets need it)")
     add("--amp", nargs="?", const="bfloat16", choices=list(AMP_DTYPES),
         help="autocast: bfloat16 (default when given; CPU and CUDA) or float16 (CUDA)")
     add("--no-memory-efficient", dest="memory_efficient", action="store_false",
@@ -599,6 +616,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", type=Path, required=True, help="output folder")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     add("--init-from", type=Path, help="torchvision ResNet state dict or momres checkpoint")
+    add("--train-subset", type=int, metavar="N",
+        help="train on a fixed random subset of N images (quick runs); test on all")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
