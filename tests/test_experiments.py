@@ -33,6 +33,8 @@ def test_dynamics1d_momentum_learns_the_crossing_map(tmp_path):
 
 
 def test_rings_momentum_separates_nested_rings(tmp_path):
+    """At this budget momentum separates the rings and the ResNet does not.  (With unit steps
+    the ResNet is no flow: given 3000 steps it separates them too, see docs/experiments.md.)"""
     result = rings.run(tmp_path, rings.Config(steps=400, batch=128))
     m = result["metrics"]
     assert m["momentum_accuracy"] >= 0.85

@@ -47,7 +47,7 @@ class Config:
     lr: float = 1e-2
 
 
-FULL = Config(dim=20, rows=40, depth=20, steps=3000)
+FULL = Config(dim=20, rows=40, depth=20, steps=3000, lr=1e-3)  # lr 1e-2: the RevNet diverges
 
 
 class GradientStep(nn.Module):
