@@ -259,7 +259,7 @@ class Trainer:
             _prepare_out(self.out, config.resume)
         if config.amp == "float16" and self.device.type != "cuda":
             raise ValueError("momres: --amp float16 needs CUDA; on CPU use --amp bfloat16.")
-        self.amp_dtype = AMP_DTYPES.get(config.amp) if config.amp else None
+        self.amp_dtype = AMP_DTYPES.get(config.amp)  # None: no autocast
 
         seed_everything(config.seed)
         self.data = load_dataset(config.dataset, config.data_dir, download=config.download)
