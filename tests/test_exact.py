@@ -1,5 +1,6 @@
 """The exact arithmetic against a reference written with Python integers."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,17 +50,30 @@ def test_spill_schedule_keeps_buffer_exact(frac, depth):
     """Driving the worst case (largest remainders) through the schedule never leaves 2**53."""
     num, den = frac
     bound = 0
-    for spill in _exact.spill_schedule(num, den, depth):
+    schedule, final = _exact.spill_schedule(num, den, depth)
+    for spill in schedule:
         if spill:
             bound = 0
         assert bound * den + den - 1 < _exact.EXACT_LIMIT
         bound = (bound * den + den - 1) // num
+    assert final == bound
 
 
 def test_spills_happen_and_depth_is_unlimited():
-    schedule = _exact.spill_schedule(1, 20, 1000)  # gamma = 0.05: 4.3 bits per block
+    schedule, _ = _exact.spill_schedule(1, 20, 1000)  # gamma = 0.05: 4.3 bits per block
     assert 50 < sum(schedule) < 120
-    assert not any(_exact.spill_schedule(9, 10, 300))  # 0.15 bits per block fit in one word
+    assert not any(_exact.spill_schedule(9, 10, 300)[0])  # 0.15 bits per block fit in one word
+
+
+@pytest.mark.parametrize("depth, dtype", [(32, torch.uint8), (64, torch.int16),
+                                          (128, torch.int32), (256, torch.float64)])
+def test_buffer_is_stored_as_narrow_as_its_bound_allows(depth, dtype):
+    """At gamma = 0.9 the buffer gains 0.15 bits a block: 32 blocks fit in a byte."""
+    _, bound = _exact.spill_schedule(9, 10, depth)
+    buffer = torch.full((3,), float(bound), dtype=torch.float64)
+    narrow = _exact.narrow(buffer, bound)
+    assert narrow.dtype == dtype
+    assert torch.equal(narrow.to(torch.float64), buffer)  # the largest value survives
 
 
 def test_snap_gamma_and_buffer_growth():

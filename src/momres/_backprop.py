@@ -263,7 +263,7 @@ class MomentumFunction(torch.autograd.Function):
             X, V = _exact.to_grid(x0, k), _exact.to_units(v0, k)
             buf, tmp = torch.zeros_like(X), torch.empty_like(X)
             checksum = torch.stack([X.sum(), V.sum()])
-            schedule = _exact.spill_schedule(num, den, len(stage.functions))
+            schedule, bound = _exact.spill_schedule(num, den, len(stage.functions))
             spilled, gmax = [], []
             step = fused(_exact.forward_step_, X)
             for n in range(len(stage.functions)):
@@ -278,8 +278,8 @@ class MomentumFunction(torch.autograd.Function):
             x_out, remainder = _exact.split_grid(X, k, dtype)
             v_out = _exact.from_units(V, k, dtype)
             ctx.has_remainder = remainder is not None
-            state = [x_out, *([remainder] if ctx.has_remainder else []), V, buf, checksum,
-                     *spilled]
+            state = [x_out, *([remainder] if ctx.has_remainder else []), V,
+                     _exact.narrow(buf, bound), checksum, *spilled]
         else:
             gamma = rule.gamma
             X, V = x0.detach().clone(), v0.detach().clone()
@@ -302,10 +302,10 @@ class MomentumFunction(torch.autograd.Function):
             scale, unit = (1 - gamma) * 2.0**k, 2.0**-k
             remainder = state.pop(1) if ctx.has_remainder else None
             X = _exact.join_grid(state[0], remainder, k)
-            V, buf = state[1].clone(), state[2].clone()
+            V, buf = state[1].clone(), state[2].to(torch.float64, copy=True)
             checksum, spilled = state[3], state[4:]
             tmp = torch.empty_like(X)
-            schedule = _exact.spill_schedule(num, den, len(stage.functions))
+            schedule, _ = _exact.spill_schedule(num, den, len(stage.functions))
             step = fused(_exact.backward_step_, X)
             leftovers = []
         else:
