@@ -40,6 +40,11 @@ def test_baselines_compute_the_right_gradients(system):
     assert torch.allclose(grads[0], grads[1], rtol=1e-9, atol=1e-12)
 
 
-def test_peak_memory_runs_in_a_fresh_process():
+def test_peak_memory_runs_in_a_fresh_process_and_is_its_own():
     case = bench.Case("conv", 2, depth=2, width=8, size=8)
-    assert bench.peak_memory_mib(case, "momres-exact", "cpu") > 50  # torch itself is larger
+    big = torch.ones(2**28 // 4)  # 256 MiB resident in this process
+    parent = bench.peak_rss_mib()
+    child = bench.peak_memory_mib(case, "momres-exact", "cpu")
+    del big
+    assert child > 50  # torch itself is larger
+    assert child < parent - 200  # the parent's peak is not inherited

@@ -227,7 +227,25 @@ def _peak_child(case_json: str, system: str, device: str) -> None:
     if device == "cuda":
         print(torch.cuda.max_memory_allocated() / MIB)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+        print(peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (MiB).
+
+    Linux: ``VmHWM``, the high-water mark of this process's own address space.  Not
+    ``ru_maxrss``: a child started by ``subprocess`` (vfork, then exec) inherits its parent's peak
+    there, so every child would report at least the parent's.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
 
 
 def measure(case: Case, systems: list[str], rounds: int, device: str, peak: bool,
