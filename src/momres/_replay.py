@@ -81,16 +81,15 @@ def frozen_batchnorm(module: nn.Module) -> Iterator[None]:
     norms = [m for m in module.modules()
              if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
     real = [dict(m._buffers) for m in norms]
+    # Swapped in the buffer dicts directly: Module.__setattr__ costs more than the copies.
     for m, buffers in zip(norms, real, strict=True):
-        for name, buffer in buffers.items():
-            if buffer is not None:
-                setattr(m, name, buffer.clone())
+        m._buffers.update({name: buffer.clone() for name, buffer in buffers.items()
+                           if buffer is not None})
     try:
         yield
     finally:
         for m, buffers in zip(norms, real, strict=True):
-            for name, buffer in buffers.items():
-                setattr(m, name, buffer)
+            m._buffers.update(buffers)
 
 
 def checkpointed(fn: Callable, module: nn.Module, *args, **kwargs):
