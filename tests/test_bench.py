@@ -18,6 +18,7 @@ def test_bench_quick_writes_records_and_plots(tmp_path):
     for record in data["records"]:
         assert record["step_time_ratio"] > 0 and record["max_batch_at_budget"] > 0
     assert by["conv", "plain"]["step_time_ratio"] == 1.0
+    assert by["conv", "momres-exact"]["recompute_floor"] > 0
     assert by["conv", "revnet"]["baseline"] == "revnet-plain"
     # Memory-free systems keep less than plain autograd even at depth 3.
     assert by["conv", "momres-exact"]["saved_mib"] < by["conv", "plain"]["saved_mib"]
@@ -48,3 +49,17 @@ def test_peak_memory_runs_in_a_fresh_process_and_is_its_own():
     del big
     assert child > 50  # torch itself is larger
     assert child < parent - 200  # the parent's peak is not inherited
+
+
+def test_recompute_floor_is_one_step_plus_a_forward_without_grad():
+    calls = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(torch.is_grad_enabled())
+            return super().forward(x)
+
+    model = Probe(3, 3)
+    assert bench.floor_step_time(model, torch.randn(2, 3)) > 0
+    assert calls == [False, True]  # the extra forward, then the training step
+    assert model.weight.grad is not None
