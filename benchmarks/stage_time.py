@@ -1,0 +1,62 @@
+"""Step time of the depth-32 conv stage, every way of training it, interleaved.
+
+    python benchmarks/stage_time.py [--depth 32] [--batch 32] [--rounds 15] [--fused]
+
+The measurement behind the core step-time target: plain autograd; plain autograd plus one more
+forward pass without grad (the recompute floor: what rebuilding activations costs, however it
+is done); torch.utils.checkpoint; momres float and exact; with ``--fused``, exact with the
+compiled kernels (``MOMRES_FUSE=auto``; the first fused step compiles, tens of seconds, then
+PyTorch caches it on disk).  Prints each median step time and its median ratio to plain
+autograd and to the floor, over rounds.
+"""
+
+import argparse
+import functools
+import os
+import statistics
+import time
+
+import torch
+
+from momres.bench import conv_stage, floor_step_time, interleaved, step_time
+
+
+def with_fusion(setting: str, model: torch.nn.Module, x: torch.Tensor) -> float:
+    os.environ["MOMRES_FUSE"] = setting
+    try:
+        return step_time(model, x)
+    finally:
+        os.environ["MOMRES_FUSE"] = "0"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--fused", action="store_true", help="also time the fused exact kernels")
+    args = parser.parse_args()
+    x = torch.randn(args.batch, 32, 16, 16)
+    models = {s: conv_stage(s, args.depth) for s in
+              ("plain", "checkpoint", "momres-float", "momres-exact")}
+    steps = {"plain": functools.partial(step_time, models["plain"], x),
+             "recompute floor": functools.partial(floor_step_time, models["plain"], x)}
+    steps |= {s: functools.partial(step_time, m, x) for s, m in models.items() if s != "plain"}
+    if args.fused:
+        start = time.perf_counter()
+        with_fusion("auto", models["momres-exact"], x)
+        print(f"first fused step (compiles): {time.perf_counter() - start:.1f} s")
+        steps["momres-exact fused"] = functools.partial(
+            with_fusion, "auto", models["momres-exact"], x)
+    times = interleaved(steps, args.rounds)
+    print(f"depth {args.depth}, batch {args.batch}, {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads")
+    for name, t in times.items():
+        ratios = [statistics.median(a / b for a, b in zip(t, times[ref], strict=True))
+                  for ref in ("plain", "recompute floor")]
+        print(f"{name:>19}: {statistics.median(t):.3f} s  {ratios[0]:.2f}x plain  "
+              f"{ratios[1]:.2f}x floor")
+
+
+if __name__ == "__main__":
+    main()
