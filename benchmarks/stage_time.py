@@ -6,12 +6,14 @@ The measurement behind the core step-time target: plain autograd; plain autograd
 forward pass without grad (the recompute floor: what rebuilding activations costs, however it
 is done); torch.utils.checkpoint; momres float and exact; with ``--fused``, exact with the
 compiled kernels (``MOMRES_FUSE=auto``; the first fused step compiles, tens of seconds, then
-PyTorch caches it on disk).  Prints each median step time and its median ratio to plain
-autograd and to the floor, over rounds.
+PyTorch caches it on disk); and the official ``momentumnet`` package when it is installed.
+Prints each median step time and its median ratio to plain autograd and to the floor, over
+rounds, and momres exact's step time over the official package's.
 """
 
 import argparse
 import functools
+import importlib.util
 import os
 import statistics
 import time
@@ -37,8 +39,10 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="also time the fused exact kernels")
     args = parser.parse_args()
     x = torch.randn(args.batch, 32, 16, 16)
-    models = {s: conv_stage(s, args.depth) for s in
-              ("plain", "checkpoint", "momres-float", "momres-exact")}
+    systems = ["plain", "checkpoint", "momres-float", "momres-exact"]
+    if importlib.util.find_spec("momentumnet"):
+        systems.append("momentumnet")
+    models = {s: conv_stage(s, args.depth) for s in systems}
     steps = {"plain": functools.partial(step_time, models["plain"], x),
              "recompute floor": functools.partial(floor_step_time, models["plain"], x)}
     steps |= {s: functools.partial(step_time, m, x) for s, m in models.items() if s != "plain"}
@@ -56,6 +60,10 @@ def main() -> None:
                   for ref in ("plain", "recompute floor")]
         print(f"{name:>19}: {statistics.median(t):.3f} s  {ratios[0]:.2f}x plain  "
               f"{ratios[1]:.2f}x floor")
+    if "momentumnet" in times:
+        ratio = statistics.median(a / b for a, b in zip(times["momres-exact"],
+                                                        times["momentumnet"], strict=True))
+        print(f"momres exact / official momentumnet: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

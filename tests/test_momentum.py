@@ -191,6 +191,19 @@ def test_no_grad_stores_nothing_and_all_modes_agree():
         assert torch.allclose(out, reference, atol=1e-10)
 
 
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("used", ["x", "v"])
+def test_one_output_unused(exact, used):
+    """An unused output's gradient reaches the backward as None, not as a tensor of zeros."""
+    grads, x0 = [], torch.randn(5, 6, dtype=torch.float64)
+    for net in pair(stack(6), 0.8, exact=exact):
+        x = x0.clone().requires_grad_()
+        x_n, v_n = net(x, return_velocity=True)
+        loss = (x_n if used == "x" else v_n).square().sum()
+        grads.append(torch.autograd.grad(loss, [x, *net.parameters()]))
+    assert relative_error(*grads) <= 1e-9
+
+
 def test_retain_graph_backward_twice():
     net = momres.MomentumNet(stack(8), 0.5)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)

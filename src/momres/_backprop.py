@@ -261,7 +261,7 @@ class MomentumFunction(torch.autograd.Function):
             k, num, den = rule.frac_bits, rule.num, rule.den
             scale, unit = (1 - rule.gamma) * 2.0**k, 2.0**-k
             X, V = _exact.to_grid(x0, k), _exact.to_units(v0, k)
-            buf, tmp = torch.zeros_like(X), torch.empty_like(X)
+            buf = torch.zeros_like(X)
             checksum = torch.stack([X.sum(), V.sum()])
             schedule, bound = _exact.spill_schedule(num, den, len(stage.functions))
             spilled, gmax = [], []
@@ -273,9 +273,10 @@ class MomentumFunction(torch.autograd.Function):
                     buf = torch.zeros_like(X)
                 g = run(n, X.to(dtype, copy=True)).to(dtype)
                 gmax.extend(torch.aminmax(g))
-                V, buf, tmp = step(X, V, buf, tmp, g, num, den, scale, unit)
+                # Scratch space only while the step runs, not under the block's temporaries.
+                V, buf, _ = step(X, V, buf, torch.empty_like(X), g, num, den, scale, unit)
             _check_range(rule, x0, v0, gmax)
-            x_out, remainder = _exact.split_grid(X, k, dtype)
+            x_out, remainder = _exact.split_grid_(X, k, dtype)  # X is consumed
             v_out = _exact.from_units(V, k, dtype)
             ctx.has_remainder = remainder is not None
             state = [x_out, *([remainder] if ctx.has_remainder else []), V,
@@ -290,6 +291,7 @@ class MomentumFunction(torch.autograd.Function):
             x_out, v_out = X, V
             state = [X, V]
         run.save(ctx, state)
+        ctx.set_materialize_grads(False)  # an unused output gets no tensor of zeros
         return x_out, v_out
 
     @staticmethod
@@ -302,9 +304,11 @@ class MomentumFunction(torch.autograd.Function):
             scale, unit = (1 - gamma) * 2.0**k, 2.0**-k
             remainder = state.pop(1) if ctx.has_remainder else None
             X = _exact.join_grid(state[0], remainder, k)
-            V, buf = state[1].clone(), state[2].to(torch.float64, copy=True)
+            # V is internal to the Function: rebuilt in place unless a later backward pass
+            # (retain_graph=True) needs it again.
+            V = state[1].clone() if _graph_kept() else state[1]
+            buf = state[2].to(torch.float64, copy=True)
             checksum, spilled = state[3], state[4:]
-            tmp = torch.empty_like(X)
             schedule, _ = _exact.spill_schedule(num, den, len(stage.functions))
             step = fused(_exact.backward_step_, X)
             leftovers = []
@@ -313,21 +317,24 @@ class MomentumFunction(torch.autograd.Function):
 
         # b = dL/dx_{n+1} + dL/dv_{n+1};  dL/dx_n = a_x + (1-gamma) J^T b;  dL/dv_n = gamma b.
         # The vector-Jacobian product is taken with b itself and scaled when accumulated.
-        a_x, a_v = grad_x.clone(), grad_v
+        # a_x and a_v are our own copies (an unused output's gradient arrives as None), so b
+        # is formed in a_v's memory: two gradient-sized tensors, not three, while a block runs.
+        a_x = torch.zeros_like(state[0], dtype=dtype) if grad_x is None else grad_x.clone()
+        a_v = torch.zeros_like(a_x) if grad_v is None else grad_v.clone()
         for n in reversed(range(len(stage.functions))):
             if rule.exact:
                 X.sub_(V, alpha=unit)  # x_n = x_{n+1} - v_{n+1}
                 x = X.to(dtype, copy=True)
             else:
                 x = X.sub_(V)
-            b = a_x + a_v
+            b = a_v.add_(a_x)
             # One evaluation of the block, used for the gradient and to rebuild v_n.
             g, grad = replay.pull(n, x, b, 1 - gamma)
             if grad is not None:
                 a_x.add_(grad, alpha=1 - gamma)
             a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
             if rule.exact:
-                V, buf, tmp = step(V, buf, tmp, g.to(dtype), num, den, scale)
+                V, buf, _ = step(V, buf, torch.empty_like(X), g.to(dtype), num, den, scale)
                 if schedule[n]:
                     leftovers.append(buf.any())
                     buf = spilled.pop()
@@ -348,6 +355,16 @@ class MomentumFunction(torch.autograd.Function):
                     "iteration) inside the blocks."
                 )
         return (None, None, a_x, a_v, *replay.input_grads())
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward pass keeps the graph (``retain_graph=True``).
+
+    Asked through the private query PyTorch's own compiled autograd uses; if it ever goes
+    away, assume the graph is kept (the safe answer: the saved state is then copied).
+    """
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 def _accumulate(total: list, indices, grads, scale: float) -> None:

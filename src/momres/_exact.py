@@ -76,25 +76,26 @@ def from_units(units: torch.Tensor, frac_bits: int, dtype: torch.dtype) -> torch
     return units.mul(2.0**-frac_bits).to(dtype)
 
 
-def split_grid(grid: torch.Tensor, frac_bits: int, dtype: torch.dtype
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def split_grid_(grid: torch.Tensor, frac_bits: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A grid tensor as its value in ``dtype`` plus the remainder in grid units (or ``None``).
 
     The stage's output is the value in ``dtype``, which the next layer usually keeps anyway, so
     storing the grid state as ``(output, remainder)`` costs only the remainder: for float32 an
     int32 (the remainder is below half a float32 ulp, at most 2**27 units within the range),
-    nothing for float64, a float64 for narrower types.
+    nothing for float64, a float64 for narrower types.  ``grid`` is consumed: the remainder is
+    computed in its memory (for float64 it is the value), so no temporary is made.
     """
-    value = grid.to(dtype, copy=True)
     if dtype == torch.float64:
-        return value, None
-    remainder = (grid - value.to(torch.float64)).mul_(2.0**frac_bits)
+        return grid, None
+    value = grid.to(dtype, copy=True)
+    remainder = grid.sub_(value).mul_(2.0**frac_bits)
     return value, remainder.to(torch.int32) if dtype == torch.float32 else remainder
 
 
 def join_grid(value: torch.Tensor, remainder: torch.Tensor | None, frac_bits: int
               ) -> torch.Tensor:
-    """Inverse of :func:`split_grid` (a new float64 tensor)."""
+    """Inverse of :func:`split_grid_` (a new float64 tensor)."""
     grid = value.to(torch.float64, copy=True)
     return grid if remainder is None else grid.add_(remainder, alpha=2.0**-frac_bits)
 
