@@ -348,6 +348,10 @@ def plot(records: list[dict], out: Path) -> list[Path]:
         for system in dict.fromkeys(r["system"] for r in stage):
             points = sorted((r["depth"], r[key]) for r in stage if r["system"] == system)
             ax.plot(*zip(*points, strict=True), marker="o", label=system)
+        if key == "step_time_ratio":
+            floor = sorted((r["depth"], r["recompute_floor"]) for r in stage
+                           if r["system"] == "plain")
+            ax.plot(*zip(*floor, strict=True), "k--", label="recompute floor")
         ax.set_xscale("log", base=2)
         if log:
             ax.set_yscale("log")
