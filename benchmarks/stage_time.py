@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from momres.bench import conv_stage, floor_step_time, interleaved, step_time
+from momres.baselines import conv_stage
+from momres.timing import floor_step_time, interleaved, step_time
 
 
 def with_fusion(setting: str, model: torch.nn.Module, x: torch.Tensor) -> float:

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from momres import bench
-from momres.cli import main
+from momres import memory
+from momres.cli import bench, main
+from momres.timing import floor_step_time
 
 
 def test_bench_quick_writes_records_and_plots(tmp_path):
@@ -44,7 +45,7 @@ def test_baselines_compute_the_right_gradients(system):
 def test_peak_memory_runs_in_a_fresh_process_and_is_its_own():
     case = bench.Case("conv", 2, depth=2, width=8, size=8)
     big = torch.ones(2**28 // 4)  # 256 MiB resident in this process
-    parent = bench.peak_rss_mib()
+    parent = memory.peak_resident_bytes() / memory.MIB
     child = bench.peak_memory_mib(case, "momres-exact", "cpu")
     del big
     assert child > 50  # torch itself is larger
@@ -60,6 +61,6 @@ def test_recompute_floor_is_one_step_plus_a_forward_without_grad():
             return super().forward(x)
 
     model = Probe(3, 3)
-    assert bench.floor_step_time(model, torch.randn(2, 3)) > 0
+    assert floor_step_time(model, torch.randn(2, 3)) > 0
     assert calls == [False, True]  # the extra forward, then the training step
     assert model.weight.grad is not None

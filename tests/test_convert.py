@@ -11,17 +11,11 @@ import momres
 from momres import models, to_momentum
 from momres.convert import momentum_stages
 
+from helpers import gradients
+
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
-
-
-def gradients(model: nn.Module, x: torch.Tensor, *args, **kwargs) -> list[torch.Tensor]:
-    """Gradients of a fixed loss w.r.t. x and every parameter."""
-    x = x.detach().requires_grad_()
-    out = model(x, *args, **kwargs)
-    loss = (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)).square().sum()
-    return list(torch.autograd.grad(loss, [x, *model.parameters()]))
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -249,8 +243,19 @@ def test_checkpointed_plain_blocks(checkpoint):
     for a, b in zip(fast.buffers(), plain.buffers(), strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     if checkpoint:
-        stored = momres.activation_memory(to_momentum(model, 0.9), x)
+        stored = momres.activation_memory(to_momentum(model, 0.9, checkpoint=False), x)
         assert momres.activation_memory(fast, x) < 0.8 * stored
+
+
+def test_checkpoint_defaults_to_memory_efficient():
+    model = models.create_model("resnet20")
+    for memory_efficient in (True, False):
+        converted = to_momentum(model, 0.9, memory_efficient=memory_efficient)
+        assert all(stage.checkpoint == memory_efficient
+                   for stage in momentum_stages(converted).values())
+        registry = models.create_model("mresnet20", memory_efficient=memory_efficient)
+        assert all(stage.checkpoint == memory_efficient
+                   for stage in momentum_stages(registry).values())
 
 
 def test_unconvertible_models_get_clear_errors():

@@ -4,19 +4,20 @@ import json
 
 from torch.utils.data import Subset
 
-from momres import cli, demo, train
+from momres import cli, training
+from momres.cli import demo
 
 
 def test_demo_prints_the_table_and_writes_the_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "DEPTHS", (20, 32))
-    load = train.load_dataset
+    load = training.load_dataset
 
     def first_images(*args, **kwargs):  # the real digits, fewer of them
         data = load(*args, **kwargs)
         data.train, data.test = Subset(data.train, range(128)), Subset(data.test, range(64))
         return data
 
-    monkeypatch.setattr(train, "load_dataset", first_images)
+    monkeypatch.setattr(training, "load_dataset", first_images)
     out = tmp_path / "demo"
     for _ in range(2):  # a second demo in the same folder replaces the first
         assert cli.main(["demo", "--out", str(out), "--depth", "20", "--epochs", "2",

@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 import momres
-from momres import _backprop
 
 
 def run(monkeypatch, fuse: str):
@@ -13,7 +12,7 @@ def run(monkeypatch, fuse: str):
     blocks = [nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) for _ in range(40)]
     net = momres.MomentumNet(blocks, 0.3)
     x = torch.randn(16, 8, requires_grad=True)
-    with _backprop.record_states() as log:
+    with momres.debug.record_states() as log:
         net(x).square().sum().backward()
     return log, [x.grad] + [p.grad for p in net.parameters()]
 

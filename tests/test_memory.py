@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import momres
-from momres.bench import conv_stage
+from momres.baselines import conv_stage
 
 
 def test_memory_free_is_bounded_in_depth_and_plain_grows_linearly():

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torchvision
 
-from momres import models
+from momres import ReversibleStage, models
 from momres.convert import momentum_stages
-from momres.models.revnet import ReversibleStage
+
+from helpers import gradients, output_and_gradients
 
 IMAGENET = {f"{prefix}resnet{d}" for prefix in ("", "m") for d in models.imagenet.DEPTHS}
 HEAVY = {"resnet101", "resnet152", "mresnet101", "mresnet152"}
@@ -19,15 +20,6 @@ def set_memory_efficient(model: torch.nn.Module, on: bool) -> None:
     for m in model.modules():
         if isinstance(m, ReversibleStage):
             m.memory_efficient = on
-
-
-def gradients(model: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor):
-    """Output and gradients of a fixed loss w.r.t. x and every parameter."""
-    x = x.detach().requires_grad_()
-    out = model(x)
-    params = list(model.parameters())
-    grads = torch.autograd.grad((out * weight).square().sum(), [x, *params], allow_unused=True)
-    return out, grads
 
 
 @pytest.mark.parametrize(
@@ -42,14 +34,13 @@ def test_registered_model_trains_memory_free_like_plain_autograd(name):
     # the gradient chaotic (a 1e-12 change of x changes plain autograd's gradient by O(1)).
     model.train(name not in IMAGENET)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    weight = torch.randn(7, dtype=torch.float64)
-    out, fast = gradients(model, x, weight)
+    out, fast = output_and_gradients(model, x)
     assert out.shape == (2, 7) and torch.isfinite(out).all()
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in fast)
     if not (name.startswith("m") or name.startswith("revnet")):
         return  # a plain ResNet: nothing memory-free to compare
     set_memory_efficient(model, False)
-    _, plain = gradients(model, x, weight)
+    plain = gradients(model, x)
     for a, b in zip(fast, plain, strict=True):
         assert (a - b).norm() <= 1e-7 * b.norm()
 
@@ -96,15 +87,34 @@ def test_imagenet_family_is_torchvisions_with_the_same_state_dict():
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mresnet32", "mresnet18", "revnet38"])
-def test_one_channel_inputs_common_options_and_cifar_stem(name):
+def test_one_channel_inputs_options_and_cifar_stem(name):
     options = {"stem": "cifar"} if name == "mresnet18" else {}
-    net = models.create_model(name, num_classes=10, in_channels=1, gamma=0.5,
-                              memory_efficient=True, exact=False, checkpoint=True, **options)
+    if name.startswith("m"):
+        options |= {"gamma": 0.5, "memory_efficient": True, "exact": False, "checkpoint": True}
+    if name.startswith("revnet"):
+        options["memory_efficient"] = False
+    assert set(options) <= set(models.model_options(name))
+    net = models.create_model(name, num_classes=10, in_channels=1, **options)
     out = net(torch.randn(2, 1, 28, 28))
     assert out.shape == (2, 10)
     if name == "mresnet18":  # 3x3 stride-1 stem, no max-pool: layer1 sees the full image
         assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
         assert isinstance(net.maxpool, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("name, option", [("resnet56", "gamma"), ("resnet18", "exact"),
+                                          ("revnet38", "gamma"), ("revnet110", "checkpoint"),
+                                          ("mresnet20", "stem"), ("mresnet50", "width")])
+def test_an_option_a_model_does_not_take_is_refused(name, option):
+    with pytest.raises(TypeError, match=f"model '{name}' takes no option '{option}'"):
+        models.create_model(name, **{option: 0.5})
+
+
+def test_models_reachable_after_import_momres():
+    import momres
+
+    assert "mresnet56" in momres.models.list_models()
+    assert "stem" in momres.models.model_options("mresnet50")
 
 
 def test_bad_options_are_refused_clearly():

@@ -1,13 +1,16 @@
 """MomentumNet: the memory-free backward against plain autograd through the same rule."""
 
 import copy
+import functools
 
 import pytest
 import torch
 from torch import nn
 
 import momres
-from momres import _backprop
+
+import helpers
+from helpers import relative_error
 
 
 def mlp(width: int = 6, hidden: int = 12) -> nn.Module:
@@ -20,19 +23,9 @@ def stack(depth: int, seed: int = 0, dtype=torch.float64) -> list[nn.Module]:
 
 
 def gradients(net: nn.Module, x: torch.Tensor, *args, **kwargs) -> list[torch.Tensor]:
-    """Gradients of a fixed scalar loss w.r.t. x and every parameter (zeros where unused)."""
-    x = x.detach().requires_grad_()
-    out, v = net(x, *args, return_velocity=True, **kwargs)
-    loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).square().sum()
-    loss = loss + v.sum()
-    wrt = [x, *(p for p in net.parameters() if p.requires_grad)]
-    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads, strict=True)]
-
-
-def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    a, b = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
-    return ((a - b).norm() / b.norm()).item()
+    """Gradients of a fixed loss of both outputs, ``x_N`` and ``v_N``."""
+    return helpers.gradients(functools.partial(net, return_velocity=True), x, *args,
+                             wrt=[p for p in net.parameters() if p.requires_grad], **kwargs)
 
 
 def pair(functions, gamma, **options):
@@ -89,7 +82,7 @@ def test_state_is_rebuilt_bit_exactly_with_spills():
     depth = 600
     net = momres.MomentumNet(stack(depth, dtype=torch.float32), 0.05)
     x = torch.randn(4, 6, requires_grad=True)
-    with _backprop.record_states() as log:
+    with momres.debug.record_states() as log:
         net(x).sum().backward()
     assert sorted(log["forward"]) == sorted(log["backward"]) == list(range(depth))
     for n in range(depth):

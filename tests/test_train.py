@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from momres import cli, models
-from momres.train import Config, Trainer, load_pretrained, lr_factor
+from momres.training import Config, Trainer, load_pretrained, lr_factor
 
 
 def settings(tmp_path, name="run", **changes) -> Config:

@@ -205,7 +205,7 @@ def to_momentum(
     exact: bool = True,
     stages: Sequence[str] | None = None,
     keep_first: bool = True,
-    checkpoint: bool = False,
+    checkpoint: bool | None = None,
 ) -> nn.Module:
     """A Momentum ResNet twin of ``model``: a deep copy, ``model`` itself is left untouched.
 
@@ -228,7 +228,9 @@ def to_momentum(
             anyway where it does).  Transformer stages found automatically are converted
             whole.
         checkpoint: recompute those ordinary blocks in the backward pass
-            (``torch.utils.checkpoint``) rather than store their activations.
+            (``torch.utils.checkpoint``) rather than store their activations.  Default
+            (``None``): as ``memory_efficient``, so that a memory-free conversion stores no
+            block's activations; the registry's momentum models follow the same rule.
 
     ``momres.convert.momentum_stages(converted)`` lists what was converted.
     """
@@ -246,6 +248,7 @@ def to_momentum(
             raise TypeError("momres: stages must be a list of dotted paths, not one string.")
         found = [(path, 1 if keep_first else 0) for path in stages]
     model = copy.deepcopy(model)
+    checkpoint = memory_efficient if checkpoint is None else checkpoint
     options = {"memory_efficient": memory_efficient, "exact": exact, "checkpoint": checkpoint}
     for path, plain in found:
         try:

@@ -4,7 +4,8 @@
     x_{n+1} = x_n + v_{n+1}
 
 The update is invertible in closed form, so training does not need to store activations: the
-memory-free backward (``_backprop``) rebuilds them from the output, bit-exactly (``_exact``).
+memory-free backward (``_rule``, on the recompute machinery of ``_recompute``) rebuilds them
+from the output, bit-exactly (``_exact``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from . import _exact
-from ._backprop import MomentumFunction, Rule, build_stage, evaluate
+from ._recompute import build_stage, evaluate
+from ._rule import MomentumFunction, Rule
 
 
 class MomentumNet(nn.Module):
@@ -112,17 +114,8 @@ class MomentumNet(nn.Module):
                             self.frac_bits or _exact.default_frac_bits(x.dtype))
                 x, v = MomentumFunction.apply(stage, rule, x, v, *params, *tensors)
                 return (x, v) if return_velocity else x
-        x, v = self._forward_autograd(x, v, args, kwargs)
+        x, v = momentum_rule(list(self.functions), self.gamma, x, v, args, kwargs, self.residual)
         return (x, v) if return_velocity else x
-
-    def _forward_autograd(self, x, v, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rule itself, differentiated (if at all) by plain autograd."""
-        gamma = self.gamma
-        for n, f in enumerate(self.functions):
-            g = evaluate(n, f, x, args, kwargs, self.residual)
-            v = v.mul(gamma).add(g, alpha=1 - gamma)
-            x = x + v
-        return x, v
 
     def inverse(
         self, x: torch.Tensor, v: torch.Tensor, *args, **kwargs
@@ -140,3 +133,17 @@ class MomentumNet(nn.Module):
             g = evaluate(n, self.functions[n], x, args, kwargs, self.residual)
             v = (v - (1 - gamma) * g) / gamma
         return x, v
+
+
+def momentum_rule(
+    functions: list[nn.Module], gamma: float, x: torch.Tensor, v: torch.Tensor,
+    args: tuple = (), kwargs: dict | None = None, residual: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_N, v_N)``: the rule itself over ``functions`` from ``(x, v)``, differentiated (if
+    at all) by plain autograd.  ``MomentumNet(memory_efficient=False)`` runs this."""
+    kwargs = kwargs or {}
+    for n, f in enumerate(functions):
+        g = evaluate(n, f, x, args, kwargs, residual)
+        v = v.mul(gamma).add(g, alpha=1 - gamma)
+        x = x + v
+    return x, v

@@ -9,6 +9,6 @@ per architecture, and state dicts that load both ways between the twins.
 """
 
 from . import cifar, imagenet, revnet  # noqa: F401  (registers the models)
-from ._registry import create_model, list_models, register_model
+from ._registry import create_model, list_models, model_options, register_model
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["create_model", "list_models", "model_options", "register_model"]

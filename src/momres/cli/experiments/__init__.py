@@ -24,10 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
-        raise SystemExit(f"momres: --out {args.out} is a file; give a folder (it is created if "
+        raise ValueError(f"momres: --out {args.out} is a file; give a folder (it is created if "
                          "missing).")
     if args.seed < 0:
-        raise SystemExit(f"momres: --seed must be a non-negative integer, got {args.seed}.")
+        raise ValueError(f"momres: --seed must be a non-negative integer, got {args.seed}.")
     module = importlib.import_module(f"{__name__}.{args.experiment}")
     config = module.FULL if args.full else module.Config()
     module.run(args.out, config, seed=args.seed)

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from .. import _backprop, _exact
-from ..bench import conv_block, conv_stage
-from ..memory import activation_memory
-from ..momentum import MomentumNet
+from ... import _exact, debug
+from ...baselines import conv_stage
+from ...memory import MIB, activation_memory
+from ...momentum import MomentumNet
 from . import _common
 
 CLAIM = ("Memory-free momentum stages (exact and float) and RevNets keep activation memory "
@@ -41,12 +41,6 @@ class Config:
 FULL = Config(depths=(8, 16, 32, 64, 128), batch=32)
 
 
-def resnet_stage(depth: int, channels: int) -> MomentumNet:
-    """The conv blocks of ``conv_stage`` as a ResNet: ``gamma = 0`` is ``x <- x + f(x)``."""
-    torch.manual_seed(0)
-    return MomentumNet([conv_block(channels) for _ in range(depth)], 0.0, memory_efficient=False)
-
-
 def buffer_rate(gamma: float, bits: float) -> tuple[float, float]:
     """Measured and theoretical growth of the information buffer, bits per block and element.
 
@@ -59,7 +53,7 @@ def buffer_rate(gamma: float, bits: float) -> tuple[float, float]:
     torch.manual_seed(0)
     block = _common.tanh_block(8, 16)
     net = MomentumNet([block] * depth, gamma)
-    with _backprop.record_states() as log:
+    with debug.record_states() as log:
         net(torch.randn(256, 8))
     level = [log["forward"][n][2].add(1).log2().mean().item() for n in (depth // 2, depth - 1)]
     return (level[1] - level[0]) / (depth - 1 - depth // 2), theory
@@ -73,10 +67,9 @@ def run(out: Path, config: Config = Config(), seed: int = 0) -> dict:
     with _common.threads(1):
         for depth in _common.progress(config.depths, "depths"):
             for system in SYSTEMS:
-                model = (resnet_stage(depth, config.channels) if system == "resnet"
-                         else conv_stage(system, depth, config.channels))
-                saved[system].append(activation_memory(model, x.requires_grad_()) / _common.MIB)
-                peak[system].append(_common.peak_step_memory(model, x) / _common.MIB)
+                model = conv_stage(system, depth, config.channels)
+                saved[system].append(activation_memory(model, x.requires_grad_()) / MIB)
+                peak[system].append(_common.peak_step_memory(model, x) / MIB)
         rates = [buffer_rate(g, config.buffer_bits)
                  for g in _common.progress(config.gammas, "buffer")]
 

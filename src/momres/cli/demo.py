@@ -16,13 +16,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import models
-from .bench import machine
-from .data import load_dataset
-from .memory import activation_memory
-from .train import MIB, Config, Trainer, atomic_write, report_errors, write_json
-
-DEPTHS = (20, 32, 44, 56, 110)
+from .. import models
+from .._io import atomic_write, machine, write_json
+from ..data import load_dataset
+from ..memory import MIB, activation_memory
+from ..models.cifar import DEPTHS
+from ..training import Config, Trainer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +42,9 @@ def memory_by_depth(batch: torch.Tensor, gamma: float) -> list[dict]:
         row = {"depth": depth}
         for prefix in ("", "m"):
             torch.manual_seed(0)
+            options = {"gamma": gamma} if prefix else {}
             model = models.create_model(f"{prefix}resnet{depth}", num_classes=10, in_channels=1,
-                                        gamma=gamma)
+                                        **options)
             row[f"{prefix}resnet_mib"] = activation_memory(model.train(), batch) / MIB
         rows.append(row)
     return rows
@@ -157,10 +157,6 @@ Per-run metrics, checkpoints and curves: `train-resnet{args.depth}/`,
 
 
 def run(args: argparse.Namespace) -> int:
-    return report_errors(lambda: demo(args))
-
-
-def demo(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     print(f"momres demo: ResNet-{args.depth} and Momentum ResNet-{args.depth} (gamma = "
           f"{args.gamma}) on scikit-learn's digits, {args.epochs} epochs each\n", flush=True)
@@ -179,3 +175,4 @@ def demo(args: argparse.Namespace) -> None:
     print(f"\nactivation memory at depth {deepest['depth']}: ResNet "
           f"{deepest['resnet_mib']:.0f} MiB, Momentum ResNet {deepest['mresnet_mib']:.0f} MiB")
     print(f"\nreport: {args.out / 'report.md'} ({seconds:.0f} s)")
+    return 0

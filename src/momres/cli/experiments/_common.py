@@ -19,10 +19,9 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..momentum import MomentumNet
-from ..train import traced_peak_bytes
+from ...memory import peak_bytes
+from ...momentum import MomentumNet
 
-MIB = 2**20
 #: Colours used for the same system in every figure.
 COLORS = {"momentum": "tab:red", "resnet": "tab:blue", "revnet": "tab:green",
           "checkpoint": "tab:purple", "momentum-float": "tab:orange"}
@@ -102,9 +101,9 @@ def trajectory(net: MomentumNet, x: torch.Tensor, *args, **kwargs) -> torch.Tens
 
 def peak_step_memory(model: nn.Module, x: torch.Tensor) -> int:
     """Peak bytes allocated by one training step (forward, loss, backward) beyond those in use
-    before it, as traced by ``torch.profiler`` (``momres.train.traced_peak_bytes``)."""
+    before it (``momres.memory.peak_bytes``)."""
     x = x.detach().requires_grad_()
-    return traced_peak_bytes(lambda: model(x).square().mean().backward())[1]
+    return peak_bytes(lambda: model(x).square().mean().backward())
 
 
 def save_figure(fig: Figure, out: Path, name: str) -> Path:

@@ -9,10 +9,10 @@ Memory is measured twice: bytes saved for the backward pass (``momres.activation
 each storage once), and the peak of a whole training step in a fresh process per configuration
 (CPU: peak resident memory; CUDA: ``torch.cuda.max_memory_allocated``).
 
-Systems (``SYSTEMS``): ``plain`` (the momentum rule under plain autograd, the twin of the next
-three), ``checkpoint`` (the same under ``torch.utils.checkpoint`` over sqrt(depth) segments,
-non-reentrant), ``momres-exact``, ``momres-float``, ``revnet`` (additive coupling, memory-free;
-twin: ``revnet-plain``) and ``momentumnet`` (the official package, optional; twin:
+Systems (``momres.baselines``): ``plain`` (the momentum rule under plain autograd, the twin of
+the next three), ``checkpoint`` (the same under ``torch.utils.checkpoint`` over sqrt(depth)
+segments, non-reentrant), ``momres-exact``, ``momres-float``, ``revnet`` (additive coupling,
+memory-free; twin: ``revnet-plain``) and ``momentumnet`` (the official package, optional; twin:
 ``momentumnet-plain``).  Cases: a conv stage over depths and batch sizes, CIFAR and ImageNet
 ResNets against their momentum twins, and a transformer encoder.
 """
@@ -23,101 +23,39 @@ import argparse
 import functools
 import importlib.util
 import json
-import math
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._replay import checkpointed
-from .memory import activation_memory
-from .momentum import MomentumNet
-
-MIB = 2**20
-GAMMA = 0.9
+from .._io import machine
+from ..baselines import GAMMA, conv_stage
+from ..convert import to_momentum
+from ..memory import MIB, activation_memory, peak_resident_bytes
+from ..models import create_model
+from ..timing import floor_step_time, interleaved, step_time
 
 #: system -> its plain-autograd twin, whose step time it is divided by (default "plain").
 TWIN = {"revnet": "revnet-plain", "revnet-plain": "revnet-plain",
         "momentumnet": "momentumnet-plain", "momentumnet-plain": "momentumnet-plain"}
 
 
-def conv_block(channels: int = 32) -> nn.Module:
-    """The residual branch of the stage benchmarks: conv3x3-BN-ReLU-conv3x3-BN."""
-    return nn.Sequential(
-        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(),
-        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-    )
-
-
-class CheckpointStage(nn.Module):
-    """The momentum rule under plain autograd, checkpointed over about sqrt(depth) segments."""
-
-    def __init__(self, blocks: list[nn.Module], gamma: float = GAMMA) -> None:
-        super().__init__()
-        size = math.ceil(len(blocks) / max(1, round(math.sqrt(len(blocks)))))
-        self.segments = nn.ModuleList(
-            MomentumNet(blocks[i : i + size], gamma, memory_efficient=False)
-            for i in range(0, len(blocks), size)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = torch.zeros_like(x)
-        for segment in self.segments:
-            x, v = checkpointed(segment._forward_autograd, segment, x, v, (), {})
-        return x
-
-
-def _momentumnet_stage(blocks: list[nn.Module], memory_free: bool) -> nn.Module:
-    import momentumnet  # optional: the official package, `pip install momres[bench]`
-
-    return momentumnet.MomentumNet(blocks, GAMMA, use_backprop=not memory_free)
-
-
-def conv_stage(system: str, depth: int, channels: int = 32) -> nn.Module:
-    """A stage of ``depth`` conv blocks as ``system`` runs it (same seed: same weights)."""
-    torch.manual_seed(0)
-    if system.startswith("revnet"):  # couplings of two half-width branches
-        from .models.revnet import ReversibleStage
-
-        half = channels // 2
-        return ReversibleStage([conv_block(half) for _ in range(depth)],
-                               [conv_block(half) for _ in range(depth)],
-                               memory_efficient=system == "revnet")
-    blocks = [conv_block(channels) for _ in range(depth)]
-    if system.startswith("momentumnet"):
-        return _momentumnet_stage(blocks, memory_free=system == "momentumnet")
-    if system == "checkpoint":
-        return CheckpointStage(blocks)
-    options = {"plain": {"memory_efficient": False}, "momres-exact": {},
-               "momres-float": {"exact": False}}[system]
-    return MomentumNet(blocks, GAMMA, **options)
-
-
 def _registry_model(name: str, system: str) -> nn.Module:
-    from .models import create_model
-
     torch.manual_seed(0)
-    prefix, options = {"plain": ("", {}), "momres-exact": ("m", {}),
-                       "momres-float": ("m", {"exact": False}), "revnet": ("", {}),
-                       "revnet-plain": ("", {"memory_efficient": False})}[system]
-    return create_model(prefix + name, gamma=GAMMA, **options)
+    prefix, options = {
+        "plain": ("", {}), "momres-exact": ("m", {"gamma": GAMMA}),
+        "momres-float": ("m", {"gamma": GAMMA, "exact": False}),
+        "revnet": ("", {}), "revnet-plain": ("", {"memory_efficient": False}),
+    }[system]
+    return create_model(prefix + name, **options)
 
 
 def _transformer(system: str, layers: int, width: int) -> nn.Module:
-    from .convert import to_momentum
-
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(width, nhead=max(1, width // 32), dim_feedforward=4 * width,
                                        dropout=0.1, batch_first=True)
@@ -183,45 +121,6 @@ def available_systems() -> tuple[list[str], list[str]]:
     return systems, notes
 
 
-def step_time(model: nn.Module, x: torch.Tensor) -> float:
-    """Seconds for one training step: forward, a scalar loss, backward."""
-    x = x.detach().requires_grad_()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    model(x).float().square().mean().backward()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def floor_step_time(model: nn.Module, x: torch.Tensor) -> float:
-    """Seconds for one more forward pass without grad, then one training step.
-
-    What rebuilding the activations costs, however it is done: the reference ("recompute
-    floor") against which memory-free systems are best judged.
-    """
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.no_grad():
-        model(x)
-    if x.is_cuda:  # the forward's kernels belong to this time, not to the step's
-        torch.cuda.synchronize()
-    return time.perf_counter() - start + step_time(model, x)
-
-
-def interleaved(steps: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Every step once per round, after one warm-up round: the times of each."""
-    for step in steps.values():
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(step())
-    return times
-
-
 def peak_memory_mib(case: Case, system: str, device: str) -> float:
     """Peak memory of one training step, in a fresh process (MiB).
 
@@ -230,8 +129,8 @@ def peak_memory_mib(case: Case, system: str, device: str) -> float:
     live tensors, not the heap's fragmentation; it includes the interpreter and torch, so
     compare systems and depths by differences.  CUDA: ``torch.cuda.max_memory_allocated``.
     """
-    code = f"from momres.bench import _peak_child; _peak_child({json.dumps(asdict(case))!r}, " \
-           f"{system!r}, {device!r})"
+    code = f"from momres.cli.bench import _peak_child; _peak_child(" \
+           f"{json.dumps(asdict(case))!r}, {system!r}, {device!r})"
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, env=env)
@@ -245,25 +144,7 @@ def _peak_child(case_json: str, system: str, device: str) -> None:
     if device == "cuda":
         print(torch.cuda.max_memory_allocated() / MIB)
     else:
-        print(peak_rss_mib())
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (MiB).
-
-    Linux: ``VmHWM``, the high-water mark of this process's own address space.  Not
-    ``ru_maxrss``: a child started by ``subprocess`` (vfork, then exec) inherits its parent's peak
-    there, so every child would report at least the parent's.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB elsewhere
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
+        print(peak_resident_bytes() / MIB)
 
 
 def measure(case: Case, systems: list[str], rounds: int, device: str, peak: bool,
@@ -368,15 +249,6 @@ def plot(records: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings, no peak memory (a smoke test)")
@@ -392,12 +264,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("momres bench: --device cuda, but no CUDA device is available.")
+        raise ValueError("momres: bench --device cuda, but no CUDA device is available.")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise SystemExit(
-            f"momres bench: cannot create the output folder {args.out}: {error}") from None
+        raise OSError(f"momres: bench cannot create the output folder {args.out}: {error}"
+                      ) from None
     cases = plan(args.quick)
     systems, notes = available_systems()
     for note in notes:

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 import momres
-from momres.models.revnet import ReversibleStage
+from momres import ReversibleStage
+
+from helpers import gradients, output_and_gradients
 
 
 def mlp(width: int = 3, hidden: int = 8) -> nn.Module:
@@ -30,22 +32,14 @@ def reference(fs, gs, x, *args, **kwargs):
     return torch.cat([x1, x2], 1)
 
 
-def grads(fn, x, wrt, *args, **kwargs):
-    """Gradients of a fixed loss of ``fn(x, *args, **kwargs)`` w.r.t. ``x`` and ``wrt``."""
-    x = x.detach().requires_grad_()
-    out = fn(x, *args, **kwargs)
-    loss = (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)).square().sum()
-    return torch.autograd.grad(loss, [x, *wrt], allow_unused=True), out
-
-
 def test_memory_free_gradients_equal_plain_autograd():
     torch.manual_seed(0)
     fs, gs = [mlp() for _ in range(6)], [mlp() for _ in range(6)]
     stage = ReversibleStage(fs, gs)
     x = torch.randn(5, 6, dtype=torch.float64)
     params = list(stage.parameters())
-    fast, out = grads(stage, x, params)
-    plain, expected = grads(functools.partial(reference, fs, gs), x, params)
+    out, fast = output_and_gradients(stage, x, wrt=params)
+    expected, plain = output_and_gradients(functools.partial(reference, fs, gs), x, wrt=params)
     assert torch.allclose(out, expected, rtol=0, atol=1e-14)
     for a, b in zip(fast, plain, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -78,9 +72,9 @@ def test_shared_blocks_and_tensor_argument_as_in_learning_to_optimize():
     for me in (True, False):
         stage = ReversibleStage([f] * depth, [g] * depth, memory_efficient=me)
         assert len(list(stage.parameters())) == 4  # shared, counted once
-        results.append(grads(stage, x, [y, *params], y, scale=0.5)[0])
+        results.append(gradients(stage, x, y, wrt=[y, *params], scale=0.5))
     written_out = functools.partial(reference, [f] * depth, [g] * depth)
-    results.append(grads(written_out, x, [y, *params], y, scale=0.5)[0])
+    results.append(gradients(written_out, x, y, wrt=[y, *params], scale=0.5))
     for a, b, c in zip(*results, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
         assert torch.allclose(b, c, rtol=1e-12, atol=1e-14)
@@ -98,7 +92,7 @@ def test_batchnorm_and_dropout_replayed_in_train_mode():
         stage = ReversibleStage(fs, gs, memory_efficient=me).train()
         params = list(stage.parameters())
         torch.manual_seed(4)
-        runs.append((grads(stage, x, params)[0],
+        runs.append((gradients(stage, x, wrt=params),
                      [b.clone() for f in fs + gs for b in f.buffers()], torch.get_rng_state()))
     (fast, buffers_fast, rng_fast), (plain, buffers_plain, rng_plain) = runs
     for a, b in zip(fast, plain, strict=True):

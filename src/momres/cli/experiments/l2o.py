@@ -25,8 +25,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from ..models.revnet import ReversibleStage
-from ..momentum import MomentumNet
+from ...momentum import MomentumNet
+from ...reversible import ReversibleStage
 from . import _common
 
 CLAIM = ("Unrolled with weights shared across layers and trained at depth T, a Momentum ResNet "

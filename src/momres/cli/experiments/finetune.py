@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
 
-from ..convert import to_momentum
-from ..data import load_dataset
-from ..memory import activation_memory
-from ..models import create_model
+from ...convert import to_momentum
+from ...data import load_dataset
+from ...memory import MIB, activation_memory
+from ...models import create_model
 from . import _common
 
 CLAIM = ("A pretrained ResNet converted to a Momentum ResNet (weights kept) fine-tunes to the "
@@ -99,8 +99,8 @@ def run(out: Path, config: Config = Config(), seed: int = 0) -> dict:
                                  config.finetune_steps, seed + 2, f"fine-tune {name}")
             metrics[f"{name}_accuracy"] = accuracy(net, *split(*test_set, target))
             x = split(*train_set, target)[0][: config.batch]
-            metrics[f"{name}_peak_memory_mib"] = _common.peak_step_memory(net, x) / _common.MIB
-            metrics[f"{name}_activation_memory_mib"] = activation_memory(net, x) / _common.MIB
+            metrics[f"{name}_peak_memory_mib"] = _common.peak_step_memory(net, x) / MIB
+            metrics[f"{name}_activation_memory_mib"] = activation_memory(net, x) / MIB
 
     fig = Figure(figsize=(9, 3.6))
     left, right = fig.subplots(1, 2)

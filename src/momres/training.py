@@ -18,8 +18,6 @@ step. ``activation_memory_mib``: bytes autograd saves for backward in one traini
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import json
 import math
@@ -28,9 +26,9 @@ import pickle
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
-from itertools import accumulate, chain
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +42,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from . import __version__
+from ._io import atomic_write, write_json
 from .data import DATASETS, ImageData, load_dataset
-from .memory import activation_memory
+from .memory import MIB, activation_memory, peak_bytes, tensor_bytes
 
-MIB = 2**20
-_IMAGENET_NAMES = {f"resnet{depth}" for depth in (18, 34, 50, 101, 152)}  # accept ``stem``
 SCHEDULES = ("step", "cosine")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,12 +128,15 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(name: str, data: ImageData, *, gamma: float, memory_efficient: bool) -> nn.Module:
-    """A registry model (``momres.models``) shaped for ``data``."""
+    """A registry model (``momres.models``) shaped for ``data``; ``gamma`` and
+    ``memory_efficient`` reach the models that take them (momentum models, RevNets)."""
     from . import models
 
-    options = {"num_classes": data.num_classes, "in_channels": data.in_channels,
-               "gamma": gamma, "memory_efficient": memory_efficient}
-    if data.small_images and name.removeprefix("m") in _IMAGENET_NAMES:
+    accepted = models.model_options(name)
+    options = {"num_classes": data.num_classes, "in_channels": data.in_channels}
+    options |= {key: value for key, value in
+                (("gamma", gamma), ("memory_efficient", memory_efficient)) if key in accepted}
+    if data.small_images and "stem" in accepted:
         options["stem"] = "cifar"  # a 3x3 stride-1 first convolution and no max-pool
     return models.create_model(name, **options)
 
@@ -190,60 +190,6 @@ def load_pretrained(model: nn.Module, path: Path) -> list[str]:
             "torchvision ResNet state dict with the matching --model (resnet50 for mresnet50...)."
         )
     return fresh
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(temporary_path)``, then rename it to ``path``: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def traced_peak_bytes(step: Callable[[], Any]) -> tuple[Any, int]:
-    """Run ``step()`` under torch.profiler: its result and the peak of (allocated - freed) bytes.
-
-    This sees every CPU tensor allocation of the thread, with its size, in order; the peak is
-    relative to the memory in use when ``step`` starts.
-    """
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                  profile_memory=True)
-    with _silenced_stderr():  # kineto prints a line at every start and stop
-        prof.start()
-    try:
-        result = step()
-    finally:
-        with _silenced_stderr():
-            prof.stop()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    return result, max(0, max(accumulate(e.nbytes() for e in events), default=0))
-
-
-@contextlib.contextmanager
-def _silenced_stderr() -> Iterator[None]:
-    """Send file descriptor 2 (where C++ libraries log) to /dev/null for a moment."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def tensor_bytes(tensors: Iterator[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors``."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
 
 
 class Trainer:
@@ -367,8 +313,10 @@ class Trainer:
                 if step == traced and not cuda:
                     state = tensor_bytes(chain(self.model.parameters(), self.model.buffers(),
                                                _optimizer_tensors(self.optimizer)))
-                    (loss, correct), traced = traced_peak_bytes(lambda x=x, y=y: self._step(x, y))
-                    peak = state + traced
+                    result: list[torch.Tensor] = []
+                    traced = peak_bytes(lambda x=x, y=y, out=result: out.extend(self._step(x, y)),
+                                        "cpu")
+                    (loss, correct), peak = result, state + traced
                 else:
                     loss, correct = self._step(x, y)
             except (FloatingPointError, OverflowError) as error:
@@ -585,69 +533,3 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Config
-    add = parser.add_argument
-    add("--dataset", choices=DATASETS, default=d.dataset, help="data set (default: digits)")
-    add("--data-dir", type=Path, help="folder of the data set's files")
-    add("--download", action="store_true", help="download the data set (torchvision; online)")
-    add("--model", default=d.model, help="a momres.models name, e.g. resnet56, mresnet56")
-    add("--gamma", type=float, default=d.gamma, help="momentum of Momentum ResNets")
-    add("--epochs", type=int, default=d.epochs)
-    add("--batch-size", type=int, default=d.batch_size, help="per process")
-    add("--lr", type=float, default=d.lr, help="learning rate (SGD)")
-    add("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    add("--weight-decay", type=float, default=d.weight_decay)
-    add("--schedule", choices=SCHEDULES, default=d.schedule,
-        help="step: lr x --lr-decay at each milestone; cosine: cosine annealing to 0")
-    add("--milestones", type=int, nargs="+", help="epochs of the step schedule (default: 1/2, 3/4)")
-    add("--lr-decay", type=float, default=d.lr_decay, help="step schedule factor")
-    add("--warmup-epochs", type=int, default=d.warmup_epochs,
-        help="linear warm-up from lr/10 over these first epochs (deep plain ResNets need it)")
-    add("--amp", nargs="?", const="bfloat16", choices=list(AMP_DTYPES),
-        help="autocast: bfloat16 (default when given; CPU and CUDA) or float16 (CUDA)")
-    add("--no-memory-efficient", dest="memory_efficient", action="store_false",
-        help="plain autograd through momentum stages (stores activations)")
-    add("--seed", type=int, default=d.seed)
-    add("--device", default=d.device, help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
-    add("--workers", type=int, help="data-loading processes (default: 4 on CUDA, 0 on CPU)")
-    add("--out", type=Path, required=True, help="output folder")
-    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    add("--init-from", type=Path, help="torchvision ResNet state dict or momres checkpoint")
-    add("--train-subset", type=int, metavar="N",
-        help="train on a fixed random subset of N images (quick runs); test on all")
-    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    config = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
-    summary = {}
-
-    def train() -> None:
-        summary.update(Trainer(config).fit())
-
-    rc = report_errors(train)
-    if rc == 0 and int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2))
-    return rc
-
-
-def report_errors(action: Callable[[], Any]) -> int:
-    """Run ``action``: 0, or 2 after printing a momres error without its traceback.
-
-    momres's own errors (messages starting "momres:") say what went wrong and what to do;
-    anything else is a bug and keeps its traceback.
-    """
-    try:
-        action()
-    except (ValueError, OSError, FloatingPointError) as error:
-        if not str(error).startswith("momres:"):
-            raise
-        print(error, file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0

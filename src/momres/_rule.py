@@ -1,0 +1,303 @@
+"""The momentum rule's memory-free Function, and the two ways of inverting the rule.
+
+Forward: run every block without building a graph, keep only the final state (and, in exact
+mode, the information buffer).  Backward: walk the blocks from the top; for each, rebuild
+``x_n = x_{n+1} - v_{n+1}``, evaluate ``g = f_n(x_n)`` once with grad enabled, and use that one
+evaluation twice: to rebuild ``v_n = (v_{n+1} - (1-gamma) g) / gamma`` and for the
+vector-Jacobian product with ``(1-gamma) b``, where ``b = dL/dx_{n+1} + dL/dv_{n+1}``:
+
+    dL/dx_n = dL/dx_{n+1} + (1-gamma) J_g^T b,   dL/dv_n = gamma b,
+    dL/dtheta_n = (1-gamma) (dg/dtheta_n)^T b.
+
+How the state is held and inverted is a strategy (``Inversion``): ``FloatInversion`` divides by
+gamma in floating point (fast; the error grows like ``gamma**-depth``), ``ExactInversion``
+holds the state in fixed point and multiplies by gamma exactly (``_exact``), so the rebuilt
+state is the forward's bit for bit.  The Function's loops are the same for both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _exact, debug
+from ._fusion import fused
+from ._recompute import Recorder, Replayer, Stage, graph_kept
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The momentum rule: ``gamma = num/den`` and how it is inverted."""
+
+    num: int
+    den: int
+    exact: bool
+    frac_bits: int
+
+    @property
+    def gamma(self) -> float:
+        return self.num / self.den
+
+    def inversion(self, dtype: torch.dtype, depth: int) -> Inversion | LoggedInversion:
+        """A fresh strategy for one pass (forward or backward) over ``depth`` blocks."""
+        inversion = (ExactInversion if self.exact else FloatInversion)(self, dtype, depth)
+        log = debug.state_log()  # once per stage call, not per block
+        return inversion if log is None else LoggedInversion(inversion, log)
+
+
+class Inversion:
+    """How a stage's state ``(x, v)`` is held, advanced and rebuilt.
+
+    Forward: ``start(x0, v0)``; per block ``advance(n, f_n(position()))``; ``finish()`` gives
+    the outputs, the tensors to save and a small picklable ``layout`` of them.  Backward:
+    ``resume(saved, layout)``; per block from the top ``retreat()`` (gives ``x_n``) then
+    ``rebuild(n, g)`` with ``g = f_n(x_n)``; ``verify()`` at the end.
+    """
+
+    def __init__(self, rule: Rule, dtype: torch.dtype, depth: int) -> None:
+        self.rule, self.dtype, self.depth = rule, dtype, depth
+
+    def start(self, x0: torch.Tensor, v0: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def position(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def advance(self, n: int, g: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], object]:
+        raise NotImplementedError
+
+    def resume(self, saved: list[torch.Tensor], layout: object) -> None:
+        raise NotImplementedError
+
+    def retreat(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rebuild(self, n: int, g: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def verify(self) -> None:
+        """Raise if the rebuilt state is not the forward's (where that can be told)."""
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """The state as held (for ``momres.debug.record_states``)."""
+        raise NotImplementedError
+
+
+class FloatInversion(Inversion):
+    """The rule in the activations' dtype; inverted by dividing by gamma."""
+
+    def start(self, x0, v0):
+        self.x, self.v = x0.detach().clone(), v0.detach().clone()
+
+    def position(self):
+        return self.x
+
+    def advance(self, n, g):
+        gamma = self.rule.gamma
+        self.v.mul_(gamma).add_(g, alpha=1 - gamma)
+        self.x.add_(self.v)
+
+    def finish(self):
+        return self.x, self.v, [self.x, self.v], None
+
+    def resume(self, saved, layout):
+        self.x, self.v = saved[0].clone(), saved[1].clone()
+
+    def retreat(self):
+        return self.x.sub_(self.v)
+
+    def rebuild(self, n, g):
+        gamma = self.rule.gamma
+        self.v.sub_(g, alpha=1 - gamma).div_(gamma)
+
+    def state(self):
+        return self.x, self.v
+
+
+class ExactInversion(Inversion):
+    """The rule in fixed point, reversible bit for bit (``_exact``).
+
+    ``x`` is held on the grid ``2**-k`` in value units, ``v`` in grid units, and the bits that
+    the multiplication by ``gamma = num/den`` destroys go to the information buffer, pushed
+    aside (spilled) and restarted before it could outgrow float64's exact integers.  When to
+    spill depends only on the block index, so forward and backward agree without looking at
+    the data.
+    """
+
+    def __init__(self, rule, dtype, depth):
+        super().__init__(rule, dtype, depth)
+        k = rule.frac_bits
+        self.scale, self.unit = (1 - rule.gamma) * 2.0**k, 2.0**-k
+        self.schedule, self.bound = _exact.spill_schedule(rule.num, rule.den, depth)
+
+    def start(self, x0, v0):
+        k = self.rule.frac_bits
+        self.x0, self.v0 = x0, v0
+        self.X, self.V = _exact.to_grid(x0, k), _exact.to_units(v0, k)
+        self.buf = torch.zeros_like(self.X)
+        self.checksum = torch.stack([self.X.sum(), self.V.sum()])
+        self.spilled: list[torch.Tensor] = []
+        self.gmax: list[torch.Tensor] = []
+        self.step = fused(_exact.forward_step_, self.X)
+
+    def position(self):
+        return self.X.to(self.dtype, copy=True)
+
+    def advance(self, n, g):
+        if self.schedule[n]:
+            self.spilled.append(self.buf)
+            self.buf = torch.zeros_like(self.X)
+        g = g.to(self.dtype)
+        self.gmax.extend(torch.aminmax(g))
+        # Scratch space only while the step runs, not under the block's temporaries.
+        rule = self.rule
+        self.V, self.buf, _ = self.step(self.X, self.V, self.buf, torch.empty_like(self.X), g,
+                                        rule.num, rule.den, self.scale, self.unit)
+
+    def finish(self):
+        k = self.rule.frac_bits
+        check_range(self.rule, self.x0, self.v0, self.gmax)
+        x_out, remainder = _exact.split_grid_(self.X, k, self.dtype)  # X is consumed
+        v_out = _exact.from_units(self.V, k, self.dtype)
+        has_remainder = remainder is not None
+        saved = [x_out, *([remainder] if has_remainder else []), self.V,
+                 _exact.narrow(self.buf, self.bound), self.checksum, *self.spilled]
+        return x_out, v_out, saved, has_remainder
+
+    def resume(self, saved, layout):
+        saved, k = list(saved), self.rule.frac_bits
+        remainder = saved.pop(1) if layout else None
+        self.X = _exact.join_grid(saved[0], remainder, k)
+        # V is internal to the Function: rebuilt in place unless a later backward pass
+        # (retain_graph=True) needs it again.
+        self.V = saved[1].clone() if graph_kept() else saved[1]
+        self.buf = saved[2].to(torch.float64, copy=True)
+        self.checksum, self.spilled = saved[3], saved[4:]
+        self.step = fused(_exact.backward_step_, self.X)
+        self.leftovers: list[torch.Tensor] = []
+
+    def retreat(self):
+        self.X.sub_(self.V, alpha=self.unit)  # x_n = x_{n+1} - v_{n+1}
+        return self.X.to(self.dtype, copy=True)
+
+    def rebuild(self, n, g):
+        rule = self.rule
+        self.V, self.buf, _ = self.step(self.V, self.buf, torch.empty_like(self.X),
+                                        g.to(self.dtype), rule.num, rule.den, self.scale)
+        if self.schedule[n]:
+            self.leftovers.append(self.buf.any())
+            self.buf = self.spilled.pop()
+
+    def verify(self):
+        intact = torch.equal(torch.stack([self.X.sum(), self.V.sum()]), self.checksum)
+        if not intact or bool(self.buf.any()) or any(bool(t) for t in self.leftovers):
+            raise RuntimeError(
+                "momres: the backward pass did not rebuild the forward's exact state, so "
+                "its gradients would be wrong. Every block must compute the same function "
+                "twice: likely causes are non-deterministic kernels (try "
+                "torch.use_deterministic_algorithms(True)), random numbers drawn outside "
+                "torch's generators, parameters or buffers changed between forward and "
+                "backward, or layers with side effects (e.g. spectral norm's power "
+                "iteration) inside the blocks."
+            )
+
+    def state(self):
+        return self.X, self.V, self.buf
+
+
+class LoggedInversion:
+    """An ``Inversion`` that logs its state at every block (``momres.debug.record_states``)."""
+
+    def __init__(self, inner: Inversion, log: debug.StateLog) -> None:
+        self.inner, self.log = inner, log
+
+    def __getattr__(self, name):  # every step but the two logged ones goes to ``inner``
+        return getattr(self.inner, name)
+
+    def advance(self, n, g):
+        self.log["forward"][n] = tuple(t.clone() for t in self.inner.state())
+        self.inner.advance(n, g)
+
+    def rebuild(self, n, g):
+        self.inner.rebuild(n, g)
+        self.log["backward"][n] = tuple(t.clone() for t in self.inner.state())
+
+
+def check_range(rule: Rule, x0: torch.Tensor, v0: torch.Tensor, gmax: list) -> None:
+    """Raise unless every fixed-point value stayed inside the exactly representable range.
+
+    Float64 integers do not wrap around, but past 2**53 they silently round.  A bound on the
+    largest ``|x|`` and ``|v|`` reached, from ``|x_0|``, ``|v_0|`` and each block's largest
+    ``|g|``, proves they did not; one device synchronisation per forward pass.
+    """
+    gamma, limit = rule.gamma, _exact.range_limit(rule.frac_bits)
+    extremes = [*torch.aminmax(x0.detach()), *torch.aminmax(v0.detach()), *gmax]
+    values = torch.stack([t.double() for t in extremes]).abs().view(-1, 2).amax(1).tolist()
+    x_bound, v_bound, *peaks = values
+    for n, peak in enumerate(peaks):
+        if not math.isfinite(peak):
+            raise FloatingPointError(
+                f"momres: block {n} returned non-finite values (inf or nan); the exact "
+                "memory-free backward cannot run. Check the learning rate, the input scaling, "
+                "or train with a loss scaler."
+            )
+        v_bound = gamma * v_bound + (1 - gamma) * peak
+        x_bound += v_bound
+    if not x_bound < limit:
+        raise OverflowError(
+            f"momres: activations of the momentum stage may reach {x_bound:.3g}, beyond the "
+            f"exact fixed-point range +-{limit:.3g} (frac_bits={rule.frac_bits}). Rescale the "
+            "input or the blocks (normalisation), lower frac_bits (each bit fewer doubles the "
+            "range and halves the resolution), or use exact=False."
+        )
+
+
+class MomentumFunction(torch.autograd.Function):
+    """Forward: the momentum stage without a graph.  Backward: rebuild and backpropagate."""
+
+    @staticmethod
+    def forward(ctx, stage: Stage, rule: Rule, x0: torch.Tensor, v0: torch.Tensor,
+                *inputs: torch.Tensor):
+        # The parameters are inputs only so that their gradients leave through backward();
+        # the blocks use them directly.
+        run = Recorder(ctx, stage, inputs[stage.n_params :], x0.device)
+        depth = len(stage.functions)
+        state = rule.inversion(x0.dtype, depth)
+        state.start(x0, v0)
+        for n in range(depth):
+            state.advance(n, run(n, state.position()))
+        x_out, v_out, saved, ctx.layout = state.finish()
+        ctx.rule, ctx.dtype = rule, x0.dtype
+        run.save(ctx, saved)
+        ctx.set_materialize_grads(False)  # an unused output gets no tensor of zeros
+        return x_out, v_out
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor, grad_v: torch.Tensor):
+        replay = Replayer(ctx, 4, "MomentumNet(..., memory_efficient=False)")
+        depth, gamma = len(replay.stage.functions), ctx.rule.gamma
+        state = ctx.rule.inversion(ctx.dtype, depth)
+        state.resume(replay.state, ctx.layout)
+        # b = dL/dx_{n+1} + dL/dv_{n+1};  dL/dx_n = a_x + (1-gamma) J^T b;  dL/dv_n = gamma b.
+        # The vector-Jacobian product is taken with b itself and scaled when accumulated.
+        # a_x and a_v are our own copies (an unused output's gradient arrives as None), so b
+        # is formed in a_v's memory: two gradient-sized tensors, not three, while a block runs.
+        like = replay.state[0]
+        a_x = torch.zeros_like(like, dtype=ctx.dtype) if grad_x is None else grad_x.clone()
+        a_v = torch.zeros_like(a_x) if grad_v is None else grad_v.clone()
+        for n in reversed(range(depth)):
+            x = state.retreat()
+            b = a_v.add_(a_x)
+            # One evaluation of the block, used for the gradient and to rebuild v_n.
+            g, grad = replay.pull(n, x, b, 1 - gamma)
+            if grad is not None:
+                a_x.add_(grad, alpha=1 - gamma)
+            a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
+            state.rebuild(n, g)
+        state.verify()
+        return (None, None, a_x, a_v, *replay.input_grads())

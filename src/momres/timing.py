@@ -1,0 +1,55 @@
+"""Step time, measured so that machine noise hits every system alike.
+
+Within one run, every system is timed interleaved, round by round (``interleaved``), and a
+system's figure is the median over rounds of its step time divided by a baseline's in the same
+round.  A memory-free system is judged against the recompute floor (``floor_step_time``: one
+more forward pass without grad, then the step): what rebuilding activations costs, however it
+is done.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def step_time(model: nn.Module, x: torch.Tensor) -> float:
+    """Seconds for one training step: forward, a scalar loss, backward."""
+    x = x.detach().requires_grad_()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(x).float().square().mean().backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def floor_step_time(model: nn.Module, x: torch.Tensor) -> float:
+    """Seconds for one more forward pass without grad, then one training step.
+
+    What rebuilding the activations costs, however it is done: the reference ("recompute
+    floor") against which memory-free systems are best judged.
+    """
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+    if x.is_cuda:  # the forward's kernels belong to this time, not to the step's
+        torch.cuda.synchronize()
+    return time.perf_counter() - start + step_time(model, x)
+
+
+def interleaved(steps: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Every step once per round, after one warm-up round: the times of each."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(step())
+    return times

@@ -1,0 +1,39 @@
+"""Helpers shared by the tests: one fixed loss, its gradients, and how far two sets differ."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+def fixed_loss(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A scalar loss that weighs every output element differently (a tuple: summed)."""
+    if isinstance(out, tuple):
+        return sum(fixed_loss(o) for o in out)
+    weight = torch.linspace(-1, 2, out.numel(), dtype=out.dtype, device=out.device)
+    return (out * weight.view_as(out)).square().sum()
+
+
+def output_and_gradients(fn: Callable, x: torch.Tensor, *args,
+                         wrt: Iterable[torch.Tensor] | None = None, **kwargs):
+    """``fn(x, *args, **kwargs)`` and the gradients of its ``fixed_loss`` w.r.t. ``x`` and
+    ``wrt`` (default: ``fn``'s trainable parameters); zeros where a tensor gets no gradient."""
+    x = x.detach().requires_grad_()
+    if wrt is None:
+        wrt = [p for p in fn.parameters() if p.requires_grad]
+    wrt = [x, *wrt]
+    out = fn(x, *args, **kwargs)
+    grads = torch.autograd.grad(fixed_loss(out), wrt, allow_unused=True)
+    return out, [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads, strict=True)]
+
+
+def gradients(fn: Callable, x: torch.Tensor, *args, **kwargs) -> list[torch.Tensor]:
+    """The gradients of ``output_and_gradients``."""
+    return output_and_gradients(fn, x, *args, **kwargs)[1]
+
+
+def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """``|a - b| / |b|`` over all the tensors of each list together."""
+    a, b = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
+    return ((a - b).norm() / b.norm()).item()
