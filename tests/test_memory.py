@@ -60,3 +60,46 @@ def test_dropout_blocks_keep_only_their_generator_state():
     )
     extra = momres.activation_memory(noisy, x) - momres.activation_memory(plain, x)
     assert extra == 8 * torch.get_rng_state().numel()  # one CPU generator state per block
+
+
+def test_peak_bytes_of_a_step_above_what_was_in_use():
+    kept = torch.ones(2**20)  # in use before the step: not counted
+
+    def step():
+        a = torch.ones(2**20)  # 4 MiB
+        b = torch.ones(2**19)  # 2 MiB, while a lives: the peak is 6 MiB
+        del a, b
+        c = torch.ones(2**18)  # 1 MiB after both are freed
+        return c
+
+    peak = momres.memory.peak_bytes(step, "cpu")
+    assert 6 * 2**20 <= peak < 6.1 * 2**20
+    assert kept.sum() == 2**20
+
+
+def test_peak_bytes_of_training_steps_grows_with_plain_depth_not_memory_free():
+    x = torch.randn(8, 8, 8, 8)
+    peaks = {}
+    for system in ("plain", "momres-exact"):
+        for depth in (2, 8):
+            model = conv_stage(system, depth, channels=8)
+            step = lambda m=model: m(x.requires_grad_()).square().mean().backward()  # noqa: B023
+            peaks[system, depth] = momres.memory.peak_bytes(step)
+    assert peaks["plain", 8] > 2.5 * peaks["plain", 2]
+    assert peaks["momres-exact", 8] < 1.2 * peaks["momres-exact", 2]
+    assert peaks["momres-exact", 8] < peaks["plain", 8]
+
+
+def test_peak_resident_bytes_and_its_reset():
+    before = momres.memory.peak_resident_bytes()
+    big = torch.ones(2**26)  # 256 MiB, touched
+    assert momres.memory.peak_resident_bytes() >= before
+    assert momres.memory.peak_resident_bytes() > 200 * 2**20
+    del big
+    if momres.memory.reset_peak_resident():  # Linux: the peak falls back to what is resident
+        assert momres.memory.peak_resident_bytes() < before + 128 * 2**20
+
+
+def test_tensor_bytes_counts_each_storage_once():
+    a = torch.ones(100)
+    assert momres.memory.tensor_bytes([a, a[:10], a.view(10, 10)]) == 400

@@ -213,3 +213,18 @@ def test_deepcopy_and_state_dict():
     x = torch.randn(2, 6, dtype=torch.float64)
     with torch.no_grad():
         assert torch.equal(clone(x), net(x))
+
+
+def test_state_logging_is_a_debug_switch_for_both_inversions():
+    torch.manual_seed(0)
+    for exact in (True, False):
+        net = momres.MomentumNet(stack(4), 0.8, exact=exact)
+        x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+        with momres.debug.record_states() as log:
+            net(x).sum().backward()
+        assert sorted(log["forward"]) == sorted(log["backward"]) == [0, 1, 2, 3]
+        forward, rebuilt = log["forward"][0], log["backward"][0]
+        assert torch.allclose(forward[0], x.detach(), atol=1e-9)  # x_0 entering block 0
+        for a, b in zip(forward, rebuilt, strict=True):
+            assert torch.equal(a, b) if exact else torch.allclose(a, b, atol=1e-12)
+        assert momres.debug.state_log() is None  # off again outside the context

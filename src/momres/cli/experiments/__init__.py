@@ -6,7 +6,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-#: experiment name -> module under ``momres.experiments``
+#: experiment name -> module under ``momres.cli.experiments``
 EXPERIMENTS = ("dynamics1d", "rings", "linear", "l2o", "memory", "finetune")
 
 
