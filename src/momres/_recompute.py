@@ -27,10 +27,15 @@ from ._replay import AutocastState, RngState, frozen_batchnorm, mha_fast_path_of
 
 
 def evaluate(
-    n: int, f: Callable, x: torch.Tensor, args: tuple, kwargs: dict, residual: bool
+    n: int, f: Callable, x: torch.Tensor, args: tuple, kwargs: dict, residual: bool,
+    params: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The residual branch ``g = f_n(x)`` (``f_n(x) - x`` for blocks with their own skip)."""
-    y = f(x, *args, **kwargs)
+    """The residual branch ``g = f_n(x)`` (``f_n(x) - x`` for blocks with their own skip);
+    with ``params``, ``f`` runs with those tensors in place of its parameters."""
+    if params is None:
+        y = f(x, *args, **kwargs)
+    else:
+        y = torch.func.functional_call(f, params, (x, *args), kwargs)
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(
@@ -49,6 +54,8 @@ class Stage:
     residual: bool
     params: list[torch.Tensor]  # trainable parameters, in the order they enter the Function
     block_params: list[list[int]]  # per block: indices of its parameters in ``params``
+    block_names: list[list[str]]  # per block: the names of those parameters in the block
+    versions: list[tuple[torch.Tensor, int]]  # every parameter (frozen too), its version then
     arg_spec: pytree.TreeSpec
     arg_leaves: list[Any]  # flattened (args, kwargs); tensors replaced at call time
 
@@ -69,19 +76,23 @@ def build_stage(
     """The stage description, its trainable parameters and the tensors among the arguments."""
     params: list[torch.Tensor] = []
     index: dict[int, int] = {}
-    block_params = []
+    block_params, block_names, versions = [], [], []
     for f in functions:
-        mine = []
-        for p in f.parameters():
+        mine, names = [], []
+        for name, p in f.named_parameters():
+            versions.append((p, p._version))
             if p.requires_grad:
                 if id(p) not in index:
                     index[id(p)] = len(params)
                     params.append(p)
                 mine.append(index[id(p)])
+                names.append(name)
         block_params.append(mine)
+        block_names.append(names)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    return Stage(functions, residual, params, block_params, spec, leaves), params, tensors
+    stage = Stage(functions, residual, params, block_params, block_names, versions, spec, leaves)
+    return stage, params, tensors
 
 
 class Recorder:
@@ -148,6 +159,23 @@ class Replayer:
         self.grad_args = [t for t, need in zip(leaves, self.arg_needs, strict=True) if need]
         self.param_grads: list[torch.Tensor | None] = [None] * self.stage.n_params
         self.arg_grads: list[torch.Tensor | None] = [None] * len(self.grad_args)
+        self._check_versions()
+        # The recompute differentiates the very tensors the forward pass used, through leaves
+        # of its own: the parameters' hooks then fire once, when the Function hands their
+        # gradients back, and tensors swapped in by torch.func.functional_call get theirs.
+        self.leaves = [p.detach().requires_grad_(need)
+                       for p, need in zip(self.stage.params, self.param_needs, strict=True)]
+
+    def _check_versions(self) -> None:
+        """Refuse, as autograd does for saved tensors, parameters changed in place since the
+        forward pass: the recompute would differentiate another function."""
+        if any(p._version != version for p, version in self.stage.versions):
+            raise RuntimeError(
+                "momres: a parameter of a memory-free stage was modified in place between the "
+                "forward and the backward pass (optimizer.step() or an in-place update before "
+                "backward()?); its gradients would be those of another function. Call "
+                "backward() before changing the parameters."
+            )
 
     def pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float = 1.0
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -157,13 +185,15 @@ class Replayer:
         and of the tensor arguments.
         """
         x = x.detach().requires_grad_()
-        f = self.stage.functions[n]
+        f, indices = self.stage.functions[n], self.stage.block_params[n]
+        params = {name: self.leaves[j]
+                  for name, j in zip(self.stage.block_names[n], indices, strict=True)}
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
         ), frozen_batchnorm(f):
-            g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual)
-        mine = [j for j in self.stage.block_params[n] if self.param_needs[j]]
-        wrt = [x, *(self.stage.params[j] for j in mine), *self.grad_args]
+            g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual, params)
+        mine = [j for j in indices if self.param_needs[j]]
+        wrt = [x, *(self.leaves[j] for j in mine), *self.grad_args]
         grads = torch.autograd.grad(g, wrt, cotangent, allow_unused=True)
         _accumulate(self.param_grads, mine, grads[1 : 1 + len(mine)], scale)
         _accumulate(self.arg_grads, range(len(self.grad_args)), grads[1 + len(mine) :], scale)

@@ -88,11 +88,29 @@ class Inversion:
         raise NotImplementedError
 
 
+#: Largest relative deviation of the rebuilt input that float inversion lets pass, by dtype:
+#: beyond it the gradients are off by about as much, and an error says so.
+FLOAT_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
+LOW_PRECISION_TOLERANCE = 1e-2
+
+
+def _moments(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Sum and sum of squares of ``x`` and ``v`` (float64): a cheap fingerprint of a state."""
+    x, v = x.double(), v.double()
+    return torch.stack([x.sum(), x.square().sum(), v.sum(), v.square().sum()])
+
+
 class FloatInversion(Inversion):
-    """The rule in the activations' dtype; inverted by dividing by gamma."""
+    """The rule in the activations' dtype; inverted by dividing by gamma.
+
+    The inverse amplifies rounding errors by ``1/gamma`` per block, and a block that does not
+    compute the same function twice goes unnoticed by the arithmetic itself; so the forward
+    keeps a fingerprint of ``(x_0, v_0)`` and ``verify`` compares the rebuilt state with it.
+    """
 
     def start(self, x0, v0):
         self.x, self.v = x0.detach().clone(), v0.detach().clone()
+        self.moments = _moments(self.x, self.v)
 
     def position(self):
         return self.x
@@ -103,10 +121,10 @@ class FloatInversion(Inversion):
         self.x.add_(self.v)
 
     def finish(self):
-        return self.x, self.v, [self.x, self.v], None
+        return self.x, self.v, [self.x, self.v, self.moments], None
 
     def resume(self, saved, layout):
-        self.x, self.v = saved[0].clone(), saved[1].clone()
+        self.x, self.v, self.moments = saved[0].clone(), saved[1].clone(), saved[2]
 
     def retreat(self):
         return self.x.sub_(self.v)
@@ -114,6 +132,27 @@ class FloatInversion(Inversion):
     def rebuild(self, n, g):
         gamma = self.rule.gamma
         self.v.sub_(g, alpha=1 - gamma).div_(gamma)
+
+    def verify(self):
+        # Deviation of each moment relative to the state's size: sums against
+        # sqrt(n * sum of squares), which does not vanish when values cancel, squares against
+        # the sum of squares; x and v share one scale (v_0 is often zero).
+        expected, rebuilt, n = self.moments, _moments(self.x, self.v), self.x.numel()
+        square = (expected[1] + expected[3]).clamp_min(1e-300)
+        scale = torch.stack([(n * square).sqrt(), square] * 2)
+        deviation = ((rebuilt - expected).abs() / scale).max().item()
+        tolerance = FLOAT_TOLERANCE.get(self.dtype, LOW_PRECISION_TOLERANCE)
+        if not deviation <= tolerance:
+            raise RuntimeError(
+                f"momres: the backward pass rebuilt the stage's input with a relative error of "
+                f"{deviation:.2g} (exact=False, {self.dtype}, tolerance {tolerance:g}), so its "
+                "gradients would be wrong by about as much. Either the float inverse lost "
+                "precision (it amplifies rounding by 1/gamma per block: "
+                f"gamma={self.rule.gamma:.4g}, {self.depth} blocks) or a block does not "
+                "compute the same function twice "
+                "(see the exact-mode self-check's causes). Use exact=True, which rebuilds the "
+                "state bit for bit, or fewer blocks per stage."
+            )
 
     def state(self):
         return self.x, self.v

@@ -73,12 +73,23 @@ class MomentumStage(nn.Sequential):
         return f"plain={self.plain}, checkpoint={self.checkpoint}, {self.momentum.extra_repr()}"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        for block in list(self._modules.values())[: self.plain]:
+        blocks = list(self._modules.values())
+        self._follow(blocks[self.plain :])
+        for block in blocks[: self.plain]:
             if self.checkpoint and torch.is_grad_enabled():
                 x = checkpointed(block, block, x, *args, **kwargs)
             else:
                 x = block(x, *args, **kwargs)
         return self.momentum(x, *args, **kwargs)
+
+    def _follow(self, blocks: list[nn.Module]) -> None:
+        """Run the blocks the stage holds now: ``stage[1] = new_block`` (or ``append``,
+        ``del``) after conversion replaces the block in the momentum net too."""
+        current = list(self.momentum.functions)
+        if current != blocks:  # nn.Module compares by identity
+            if not blocks:
+                raise ValueError("momres: this momentum stage has no block left to run.")
+            self.momentum.functions = nn.ModuleList(blocks)
 
 
 class MomentumStageList(MomentumStage):
@@ -258,6 +269,12 @@ def to_momentum(
                 f"momres: {type(model).__name__} has no submodule {path!r}. Candidates:\n"
                 + _candidates(model)
             ) from None
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if name == "layers" else None
+        if isinstance(parent, nn.TransformerEncoder):
+            # Its forward would hand the layers nested tensors (eval, no grad) and loop over
+            # them itself: convert the encoder whole, which runs the layers as one stage.
+            path, module = parent_path, parent
         converted = _convert(module, path, gamma, plain, options)
         if not path:
             return converted

@@ -105,17 +105,27 @@ class MomentumNet(nn.Module):
                 "the initial velocity must have the shape of x."
             )
         if self.memory_efficient and torch.is_grad_enabled():
-            stage, params, tensors = build_stage(list(self.functions), self.residual, args,
-                                                 kwargs)
-            if x.requires_grad or v.requires_grad or params or any(
-                t.requires_grad for t in tensors
-            ):
-                rule = Rule(*self.gamma_fraction, self.exact,
-                            self.frac_bits or _exact.default_frac_bits(x.dtype))
-                x, v = MomentumFunction.apply(stage, rule, x, v, *params, *tensors)
-                return (x, v) if return_velocity else x
-        x, v = momentum_rule(list(self.functions), self.gamma, x, v, args, kwargs, self.residual)
+            x, v = self._memory_free(x, v, args, kwargs)
+        else:
+            x, v = momentum_rule(list(self.functions), self.gamma, x, v, args, kwargs,
+                                 self.residual)
         return (x, v) if return_velocity else x
+
+    # torch.compile must not trace into the memory-free Function: its exact arithmetic needs
+    # the eager kernels' correctly rounded divisions (a compiled graph may turn them into
+    # multiplications by reciprocals), and its forward is not a graph of differentiable ops.
+    # The stage is a graph break; what surrounds it is compiled as usual.
+    @torch.compiler.disable
+    def _memory_free(self, x: torch.Tensor, v: torch.Tensor, args: tuple, kwargs: dict
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        stage, params, tensors = build_stage(list(self.functions), self.residual, args, kwargs)
+        if not (x.requires_grad or v.requires_grad or params
+                or any(t.requires_grad for t in tensors)):
+            return momentum_rule(list(self.functions), self.gamma, x, v, args, kwargs,
+                                 self.residual)
+        rule = Rule(*self.gamma_fraction, self.exact,
+                    self.frac_bits or _exact.default_frac_bits(x.dtype))
+        return MomentumFunction.apply(stage, rule, x, v, *params, *tensors)
 
     def inverse(
         self, x: torch.Tensor, v: torch.Tensor, *args, **kwargs

@@ -88,14 +88,22 @@ class ReversibleStage(nn.Module):
         return [b for pair in zip(self.f_blocks, self.g_blocks, strict=True) for b in pair]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        blocks = self._blocks()
         if self.memory_efficient and torch.is_grad_enabled():
-            halves(x)
-            stage, params, tensors = build_stage(blocks, True, args, kwargs)
-            if x.requires_grad or params or any(t.requires_grad for t in tensors):
-                return ReversibleFunction.apply(stage, x, *params, *tensors)
+            return self._memory_free(x, args, kwargs)
+        return self._plain(x, args, kwargs)
+
+    def _plain(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        blocks = self._blocks()
         step = lambda n, z: evaluate(n, blocks[n], z, args, kwargs, True)
         return _couple(x, step, len(self.f_blocks))
+
+    @torch.compiler.disable  # a graph break under torch.compile, as for MomentumNet
+    def _memory_free(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        halves(x)
+        stage, params, tensors = build_stage(self._blocks(), True, args, kwargs)
+        if not (x.requires_grad or params or any(t.requires_grad for t in tensors)):
+            return self._plain(x, args, kwargs)
+        return ReversibleFunction.apply(stage, x, *params, *tensors)
 
     def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``x`` from ``y = stage(x)``, in floating point."""
