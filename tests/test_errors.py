@@ -130,3 +130,12 @@ def test_gamma_below_one_snapped_to_one_is_refused(memory_efficient):
     with pytest.raises(ValueError, match=r"gamma=0.999999 is too close to 1.*gamma <= 0.99998"):
         momres.MomentumNet(blocks(), 0.999999, memory_efficient=memory_efficient)
 
+
+def test_half_output_beyond_its_range_is_refused():
+    class Push(nn.Module):
+        def forward(self, x):
+            return torch.full_like(x, 1e4)
+
+    net = momres.MomentumNet([Push()], 0.9)
+    with pytest.raises(OverflowError, match="output overflows torch.float16"):
+        net(torch.full((2, 4), 65000.0, dtype=torch.half, requires_grad=True))

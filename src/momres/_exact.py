@@ -102,9 +102,16 @@ def join_grid(value: torch.Tensor, remainder: torch.Tensor | None, frac_bits: in
 
 def quantise(g: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
     """``round(scale * g)`` into ``out`` (float64).  The same ``g`` always gives the same
-    integers, which is all that exact reversal needs; the product is computed in ``g``'s
-    dtype, like the floating-point rule."""
-    return torch.mul(g, scale, out=out).round_()
+    integers, which is all that exact reversal needs.
+
+    For float32 and float64 the product is computed in ``g``'s dtype, like the floating-point
+    rule.  Narrower types are widened to float64 first (exactly, in ``out``'s memory): ``scale``
+    is about ``(1 - gamma) * 2**30``, so the product would overflow float16 (largest value
+    65504) and keep only 8 significant bits in bfloat16.
+    """
+    if g.dtype in (torch.float32, torch.float64):
+        return torch.mul(g, scale, out=out).round_()
+    return out.copy_(g).mul_(scale).round_()
 
 
 def _divisor(value: int, like: torch.Tensor) -> float | torch.Tensor:
