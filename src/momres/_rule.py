@@ -18,6 +18,7 @@ state is the forward's bit for bit.  The Function's loops are the same for both.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -241,7 +242,8 @@ def _extremes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def check_range(rule: Rule, x0: torch.Tensor, v0: torch.Tensor, gmax: list,
                 out: torch.Tensor | None = None) -> None:
     """Raise unless every fixed-point value stayed inside the exactly representable range and
-    the output ``out`` (if given) inside its dtype's.
+    the output ``out`` (if given) inside its dtype's; warn if the activations are so small that
+    the grid resolves them coarsely (``_exact.resolution_floor``).
 
     Float64 integers do not wrap around, but past 2**53 they silently round.  A bound on the
     largest ``|x|`` and ``|v|`` reached, from ``|x_0|``, ``|v_0|`` and each block's largest
@@ -277,6 +279,19 @@ def check_range(rule: Rule, x0: torch.Tensor, v0: torch.Tensor, gmax: list,
             f"momres: the momentum stage's output overflows {dtype} (largest finite value "
             f"{torch.finfo(dtype).max:.3g}). Rescale the input or the blocks, or use a dtype "
             "with a wider range (bfloat16 or float32)."
+        )
+    floor = _exact.resolution_floor(k, dtype)
+    # The blocks see x_0 rounded to the grid; and if even the bound on |x| is tiny, every
+    # state of the pass is.  An exact zero loses nothing.
+    if 0 < x_start < floor or 0 < x_bound < floor:
+        peak = x_start if x_start < floor else x_bound
+        warnings.warn(
+            f"momres: the activations of the momentum stage are tiny (largest |x| about "
+            f"{peak:.2g}) next to the exact fixed-point grid 2**-{k} = {2.0**-k:.2g}: they keep "
+            f"fewer than {math.log2(floor) + k:.0f} significant bits, so the memory-free "
+            "gradients may lose precision. Raise frac_bits (each bit more doubles the resolution "
+            "and halves the range), rescale the input or the blocks, or use exact=False.",
+            RuntimeWarning, stacklevel=5,
         )
 
 
