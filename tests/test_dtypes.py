@@ -106,3 +106,18 @@ def test_empty_batch_like_plain_autograd(exact, dtype):
     assert out.shape == plain_out.shape == (0, 8)
     for g, p in zip(grads, plain_grads, strict=True):
         assert g.shape == p.shape and not g.any() and not p.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_on_cpu_matches_plain_autograd(dtype):
+    """float32 parameters and input, blocks run in ``dtype`` under autocast: the state is
+    float32's (frac_bits 30), the blocks' outputs are rounded to ``dtype``."""
+    functions = blocks(8, torch.float32)
+    torch.manual_seed(1)
+    x = torch.randn(16, 8)
+    with torch.autocast("cpu", dtype=dtype):
+        (out, grads), (plain_out, plain_grads) = both(functions, x)
+    unit = 2.0 ** -BITS[dtype]
+    assert relative_error([out.double()], [plain_out.double()]) < 2 * unit
+    assert relative_error([g.double() for g in grads], [g.double() for g in plain_grads]) \
+        < 4 * unit
