@@ -1,5 +1,9 @@
 """Every refusal is a clear error that names the problem and the remedy."""
 
+import warnings
+from fractions import Fraction
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -93,3 +97,45 @@ def test_init_velocity_of_wrong_shape():
     net = momres.MomentumNet(blocks(), 0.9, init_velocity=nn.Linear(4, 3))
     with pytest.raises(ValueError, match="initial velocity must have the shape of x"):
         net(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("gamma", [np.float32(0.9), np.float64(0.9), Fraction(9, 10), 1])
+def test_gamma_any_real_number(gamma):
+    net = momres.MomentumNet(blocks(), gamma)
+    assert net.gamma_fraction == ((9, 10) if gamma != 1 else (1, 1))
+
+
+@pytest.mark.parametrize("gamma", [np.True_, np.float32("nan"), torch.tensor(0.9), None])
+def test_gamma_not_a_real_number(gamma):
+    with pytest.raises(ValueError, match=r"gamma must be a number in \[0, 1\]"):
+        momres.MomentumNet(blocks(), gamma)
+
+
+@pytest.mark.parametrize("gamma, used", [(0.99999, "65535/65536"), (1.2e-5, "1/65536")])
+def test_gamma_snapped_far_warns_with_the_value_used(gamma, used):
+    with pytest.warns(UserWarning, match=f"gamma={gamma!r} is snapped to {used}"):
+        momres.MomentumNet(blocks(), gamma)
+
+
+@pytest.mark.parametrize("gamma", [0.9, 0.9000001, 0.123456789, 0.99, 0.0, 1.0])
+def test_gamma_snapped_close_is_silent(gamma):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        momres.MomentumNet(blocks(), gamma, memory_efficient=gamma > 0)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_gamma_below_one_snapped_to_one_is_refused(memory_efficient):
+    """At gamma = 1 the velocity never changes: the stage would silently ignore its blocks."""
+    with pytest.raises(ValueError, match=r"gamma=0.999999 is too close to 1.*gamma <= 0.99998"):
+        momres.MomentumNet(blocks(), 0.999999, memory_efficient=memory_efficient)
+
+
+def test_half_output_beyond_its_range_is_refused():
+    class Push(nn.Module):
+        def forward(self, x):
+            return torch.full_like(x, 1e4)
+
+    net = momres.MomentumNet([Push()], 0.9)
+    with pytest.raises(OverflowError, match="output overflows torch.float16"):
+        net(torch.full((2, 4), 65000.0, dtype=torch.half, requires_grad=True))

@@ -18,6 +18,7 @@ state is the forward's bit for bit.  The Function's loops are the same for both.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -192,7 +193,7 @@ class ExactInversion(Inversion):
             self.spilled.append(self.buf)
             self.buf = torch.zeros_like(self.X)
         g = g.to(self.dtype)
-        self.gmax.extend(torch.aminmax(g))
+        self.gmax.extend(_extremes(g))
         # Scratch space only while the step runs, not under the block's temporaries.
         rule = self.rule
         self.V, self.buf, _ = self.step(self.X, self.V, self.buf, torch.empty_like(self.X), g,
@@ -200,8 +201,10 @@ class ExactInversion(Inversion):
 
     def finish(self):
         k = self.rule.frac_bits
-        check_range(self.rule, self.x0, self.v0, self.gmax)
         x_out, remainder = _exact.split_grid_(self.X, k, self.dtype)  # X is consumed
+        # Float16's range (65504) is narrower than the grid's: its output may overflow.
+        narrow_range = torch.finfo(self.dtype).max < _exact.range_limit(k)
+        check_range(self.rule, self.x0, self.v0, self.gmax, x_out if narrow_range else None)
         v_out = _exact.from_units(self.V, k, self.dtype)
         has_remainder = remainder is not None
         saved = [x_out, *([remainder] if has_remainder else []), self.V,
@@ -267,32 +270,67 @@ class LoggedInversion:
         self.log["backward"][n] = tuple(t.clone() for t in self.inner.state())
 
 
-def check_range(rule: Rule, x0: torch.Tensor, v0: torch.Tensor, gmax: list) -> None:
-    """Raise unless every fixed-point value stayed inside the exactly representable range.
+def _extremes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min, max)`` of ``t``; zeros for an empty tensor (which has nothing to overflow)."""
+    if t.numel() == 0:
+        zero = t.new_zeros(())
+        return zero, zero
+    return torch.aminmax(t)
+
+
+def check_range(rule: Rule, x0: torch.Tensor, v0: torch.Tensor, gmax: list,
+                out: torch.Tensor | None = None) -> None:
+    """Raise unless every fixed-point value stayed inside the exactly representable range and
+    the output ``out`` (if given) inside its dtype's; warn if the activations are so small that
+    the grid resolves them coarsely (``_exact.resolution_floor``).
 
     Float64 integers do not wrap around, but past 2**53 they silently round.  A bound on the
     largest ``|x|`` and ``|v|`` reached, from ``|x_0|``, ``|v_0|`` and each block's largest
     ``|g|``, proves they did not; one device synchronisation per forward pass.
     """
-    gamma, limit = rule.gamma, _exact.range_limit(rule.frac_bits)
-    extremes = [*torch.aminmax(x0.detach()), *torch.aminmax(v0.detach()), *gmax]
+    gamma, k, dtype = rule.gamma, rule.frac_bits, x0.dtype
+    limit = _exact.range_limit(k)
+    extremes = [*_extremes(x0.detach()), *_extremes(v0.detach()), *gmax,
+                *(() if out is None else _extremes(out))]
     values = torch.stack([t.double() for t in extremes]).abs().view(-1, 2).amax(1).tolist()
-    x_bound, v_bound, *peaks = values
+    out_peak = None if out is None else values.pop()
+    x_start, v_bound, *peaks = values
+    x_bound = x_start
     for n, peak in enumerate(peaks):
         if not math.isfinite(peak):
             raise FloatingPointError(
                 f"momres: block {n} returned non-finite values (inf or nan); the exact "
-                "memory-free backward cannot run. Check the learning rate, the input scaling, "
-                "or train with a loss scaler."
+                "memory-free backward cannot run. Check the learning rate, the input scaling "
+                f"(activations must stay within {dtype}'s range, +-{torch.finfo(dtype).max:.3g}),"
+                " or train with a loss scaler."
             )
         v_bound = gamma * v_bound + (1 - gamma) * peak
         x_bound += v_bound
     if not x_bound < limit:
         raise OverflowError(
             f"momres: activations of the momentum stage may reach {x_bound:.3g}, beyond the "
-            f"exact fixed-point range +-{limit:.3g} (frac_bits={rule.frac_bits}). Rescale the "
+            f"exact fixed-point range +-{limit:.3g} (frac_bits={k}). Rescale the "
             "input or the blocks (normalisation), lower frac_bits (each bit fewer doubles the "
             "range and halves the resolution), or use exact=False."
+        )
+    if out_peak is not None and not math.isfinite(out_peak):
+        raise OverflowError(
+            f"momres: the momentum stage's output overflows {dtype} (largest finite value "
+            f"{torch.finfo(dtype).max:.3g}). Rescale the input or the blocks, or use a dtype "
+            "with a wider range (bfloat16 or float32)."
+        )
+    floor = _exact.resolution_floor(k, dtype)
+    # The blocks see x_0 rounded to the grid; and if even the bound on |x| is tiny, every
+    # state of the pass is.  An exact zero loses nothing.
+    if 0 < x_start < floor or 0 < x_bound < floor:
+        peak = x_start if x_start < floor else x_bound
+        warnings.warn(
+            f"momres: the activations of the momentum stage are tiny (largest |x| about "
+            f"{peak:.2g}) next to the exact fixed-point grid 2**-{k} = {2.0**-k:.2g}: they keep "
+            f"fewer than {math.log2(floor) + k:.0f} significant bits, so the memory-free "
+            "gradients may lose precision. Raise frac_bits (each bit more doubles the resolution "
+            "and halves the range), rescale the input or the blocks, or use exact=False.",
+            RuntimeWarning, stacklevel=5,
         )
 
 

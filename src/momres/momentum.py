@@ -10,7 +10,11 @@ from the output, bit-exactly (``_exact``).
 
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from collections.abc import Iterable
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -25,9 +29,11 @@ class MomentumNet(nn.Module):
 
     Args:
         functions: the blocks ``f_n`` (modules), each mapping ``x`` to a tensor of its shape.
-        gamma: momentum in ``[0, 1]``; snapped to the nearest fraction ``n/d`` with
-            ``d <= 2**16`` (``self.gamma``, ``self.gamma_fraction``), used in every mode.
-            ``gamma=0`` is exactly a ResNet.
+        gamma: momentum in ``[0, 1]`` (any real number: Python or numpy scalars); snapped to
+            the nearest fraction ``n/d`` with ``d <= 2**16`` (``self.gamma``,
+            ``self.gamma_fraction``), used in every mode.  A snap that moves ``gamma`` or
+            ``1 - gamma`` by more than a relative 1e-3 warns; ``gamma < 1`` that would snap to
+            1 (the stage would ignore its blocks) is refused.  ``gamma=0`` is exactly a ResNet.
         residual: ``True`` if each ``f_n`` is a residual branch; ``False`` if it is a whole
             block with its own skip connection, in which case the rule uses ``f_n(x) - x``.
         memory_efficient: backpropagate without storing activations (needs ``gamma > 0``).
@@ -64,13 +70,12 @@ class MomentumNet(nn.Module):
                     f"momres: block {n} is a {type(f).__name__}, not an nn.Module; wrap plain "
                     "functions in a module so that their parameters can be found."
                 )
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-            raise ValueError(f"momres: gamma must be a number in [0, 1], got {gamma!r}.")
-        fraction = _exact.snap_gamma(float(gamma))
+        fraction = _snapped(gamma)
         if memory_efficient and fraction == 0:
             raise ValueError(
-                "momres: gamma=0 is a plain ResNet, which is not invertible, so it cannot be "
-                "trained memory-free. Use memory_efficient=False, or gamma > 0."
+                f"momres: gamma={gamma!r} is used as 0, a plain ResNet, which is not invertible, "
+                "so it cannot be trained memory-free. Use memory_efficient=False, or gamma >= "
+                f"{1 / _exact.MAX_DENOMINATOR:.3g}."
             )
         if frac_bits is not None and not 1 <= frac_bits <= 50:
             raise ValueError(f"momres: frac_bits must be in [1, 50], got {frac_bits}.")
@@ -143,6 +148,45 @@ class MomentumNet(nn.Module):
             g = evaluate(n, self.functions[n], x, args, kwargs, self.residual)
             v = (v - (1 - gamma) * g) / gamma
         return x, v
+
+
+def _snapped(gamma: numbers.Real) -> Fraction:
+    """``gamma`` validated and snapped to its fraction (``_exact.snap_gamma``).
+
+    Any real number but a bool is accepted (numpy scalars included).  Tensors are not: gamma
+    is a fixed hyper-parameter, and a tensor (perhaps requiring grad) would suggest otherwise.
+    A snap that moves ``gamma`` or ``1 - gamma`` by more than a relative 1e-3 warns; one that
+    turns ``gamma < 1`` into 1 is refused, because at 1 the stage ignores its blocks.
+    """
+    if (isinstance(gamma, bool) or not isinstance(gamma, numbers.Real)
+            or not 0 <= gamma <= 1):  # NaN fails the comparison too
+        hint = " (pass a Python number: float(gamma))" if isinstance(gamma, torch.Tensor) else ""
+        raise ValueError(f"momres: gamma must be a number in [0, 1], got {gamma!r}{hint}.")
+    gamma = float(gamma)
+    fraction = _exact.snap_gamma(gamma)
+    if fraction == 1 and gamma < 1:
+        raise ValueError(
+            f"momres: gamma={gamma!r} is too close to 1: snapped to a fraction with denominator "
+            f"at most {_exact.MAX_DENOMINATOR} it becomes 1, where v never changes and the stage "
+            f"ignores its blocks. Use gamma <= {1 - 1 / _exact.MAX_DENOMINATOR!r}, or 1 if that is "
+            "what you mean."
+        )
+    if max(_relative_change(gamma, float(fraction)),
+           _relative_change(1 - gamma, float(1 - fraction))) > 1e-3:
+        warnings.warn(
+            f"momres: gamma={gamma!r} is snapped to {fraction} = {float(fraction)!r} (1 - gamma "
+            f"= {float(1 - fraction):.6g} instead of {1 - gamma:.6g}); that value is used in "
+            "every mode. Choose a gamma with a small denominator to silence this.",
+            UserWarning, stacklevel=3,
+        )
+    return fraction
+
+
+def _relative_change(old: float, new: float) -> float:
+    """``|new - old| / |old|``; from 0, infinite unless ``new`` is 0 too."""
+    if old == 0:
+        return 0.0 if new == 0 else math.inf
+    return abs(new - old) / abs(old)
 
 
 def momentum_rule(
