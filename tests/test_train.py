@@ -214,3 +214,25 @@ def test_an_earlier_run_is_not_overwritten(tmp_path, capsys):
     rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--out", str(tmp_path / "run"))
     assert rc == 2 and "already holds a training run" in err and "--resume" in err
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--train-subset", "0"], "--train-subset must be at least 1"),
+    (["--train-subset", "129"], "--train-subset 129 is more than the 128 training images"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be in [0, --epochs)"),
+    (["--lr", "0"], "--lr must be > 0 and finite"),
+    (["--lr", "inf"], "--lr must be > 0 and finite"),
+    (["--weight-decay", "nan"], "--weight-decay must be >= 0 and finite"),
+    (["--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--lr-decay", "0"], "--lr-decay must be in (0, 1]"),
+    (["--milestones", "0", "5"], "--milestones must be epochs >= 1"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--gamma", "nan"], "--gamma must be in [0, 1]"),
+])
+def test_numeric_options_are_checked(tmp_path, capsys, option, message):
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", *option,
+                    "--out", str(tmp_path / "run"))
+    assert rc == 2 and message in err, err

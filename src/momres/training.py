@@ -84,13 +84,29 @@ class Config:
         if self.dataset not in DATASETS:
             raise ValueError(f"momres: unknown data set {self.dataset!r}; choose one of "
                              f"{', '.join(DATASETS)}.")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError("momres: --warmup-epochs must be in [0, --epochs).")
         for name in ("epochs", "batch_size", "train_subset"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"momres: --{name.replace('_', '-')} must be at least 1.")
-        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError("momres: need --lr > 0, --weight-decay >= 0, 0 <= --momentum < 1.")
+                raise ValueError(f"momres: --{name.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(self, name)}.")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError("momres: --warmup-epochs must be in [0, --epochs), got "
+                             f"{self.warmup_epochs} with --epochs {self.epochs}.")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"momres: --workers must be at least 0 (0: load in the main "
+                             f"process), got {self.workers}.")
+        if self.milestones is not None and min(self.milestones, default=1) < 1:
+            raise ValueError(f"momres: --milestones must be epochs >= 1, got {self.milestones}.")
+        if not 0 <= self.seed < 2**32:  # NumPy's range
+            raise ValueError(f"momres: --seed must be in [0, 2**32), got {self.seed}.")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"momres: --lr must be > 0 and finite, got {self.lr}.")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"momres: --weight-decay must be >= 0 and finite, got "
+                             f"{self.weight_decay}.")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momres: --momentum must be in [0, 1), got {self.momentum}.")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"momres: --lr-decay must be in (0, 1], got {self.lr_decay}.")
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"momres: --gamma must be in [0, 1], got {self.gamma}.")
         if self.schedule not in SCHEDULES:
@@ -254,6 +270,9 @@ class Trainer:
         workers = config.workers if config.workers is not None else (4 if cuda else 0)
         train = self.data.train
         if config.train_subset is not None:  # the same images for every seed and model
+            if config.train_subset > len(train):
+                raise ValueError(f"momres: --train-subset {config.train_subset} is more than the "
+                                 f"{len(train)} training images; give at most {len(train)}.")
             keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
             train = Subset(train, keep[: config.train_subset].tolist())
         if len(train) < config.batch_size * self.world_size:
