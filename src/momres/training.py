@@ -48,6 +48,15 @@ from .memory import MIB, activation_memory, peak_bytes, tensor_bytes
 
 SCHEDULES = ("step", "cosine")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Options that may differ on --resume: they change where and how fast a run goes, not what it
+#: trains (--epochs extends it). Any other difference is refused.
+RESUMABLE = frozenset({"epochs", "out", "device", "workers", "progress", "data_dir", "download",
+                       "resume"})
+#: What every momres checkpoint holds.
+CHECKPOINT_KEYS = ("momres", "epoch", "config", "model", "optimizer", "scheduler", "scaler",
+                   "rng", "records", "best_accuracy")
+#: What torch.load raises for a file that is not a (whole) PyTorch file.
+UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)
 
 
 @dataclass
@@ -169,7 +178,7 @@ def load_pretrained(model: nn.Module, path: Path) -> list[str]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"momres: --init-from {path}: no such file.") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except UNREADABLE as error:
         raise ValueError(f"momres: --init-from {path} is not a PyTorch state dict or momres "
                          f"checkpoint ({error}).") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -219,6 +228,7 @@ class Trainer:
         self.out = Path(config.out)
         if self.main:
             _prepare_out(self.out, config.resume)
+        checkpoint = self._read_checkpoint() if config.resume else None  # before any write
         if config.amp == "float16" and self.device.type != "cuda":
             raise ValueError("momres: --amp float16 needs CUDA; on CPU use --amp bfloat16.")
         self.amp_dtype = AMP_DTYPES.get(config.amp)  # None: no autocast
@@ -248,8 +258,8 @@ class Trainer:
         self.train_loader, self.test_loader = self._loaders()
 
         self.start_epoch, self.best_accuracy, self.records = 0, -1.0, []
-        if config.resume:
-            self._restore()
+        if checkpoint is not None:
+            self._restore(checkpoint)
         self.activation_mib = self._activation_memory() / MIB
         self.memory_counter = ("torch.cuda.max_memory_allocated" if self.device.type == "cuda"
                                else "cpu: model and optimizer state + torch.profiler peak of one"
@@ -448,22 +458,56 @@ class Trainer:
             "rng": states, "records": self.records,
         }
 
-    def _restore(self) -> None:
+    def _read_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint in ``--out``, checked to be a momres checkpoint of this run's options
+        (but for those in ``RESUMABLE``)."""
         path = self.out / "checkpoint.pt"
         if not path.is_file():
             raise FileNotFoundError(f"momres: --resume: no checkpoint at {path}; run without "
                                     "--resume to start training.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "dataset"):
-            if state["config"][key] != getattr(self.config, key):
-                raise ValueError(f"momres: --resume: {path} was trained with --{key} "
-                                 f"{state['config'][key]}, not {getattr(self.config, key)}.")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except UNREADABLE:
+            raise _not_a_checkpoint(path, "truncated, or not a PyTorch file") from None
+        if not isinstance(state, dict):
+            raise _not_a_checkpoint(path, f"it holds a {type(state).__name__}")
+        missing = [key for key in CHECKPOINT_KEYS if key not in state]
+        if missing or not isinstance(state["config"], dict):
+            raise _not_a_checkpoint(path, f"it lacks {', '.join(missing) or 'a config'}")
+        old, new = state["config"], self.config.as_dict()
+        changed = [key for key in new if key not in RESUMABLE and key in old
+                   and old[key] != new[key]]
+        if changed:
+            raise ValueError(
+                f"momres: --resume: {path} was trained with other options: "
+                + "; ".join(f"{_as_option(k, old[k])} then, {_as_option(k, new[k])} now"
+                            for k in changed)
+                + ". Resume with the options it was trained with (only --epochs, --out, "
+                "--device, --workers, --data-dir, --download and --no-progress may change), or "
+                "start a new run in another --out."
+            )
+        if state["epoch"] > self.config.epochs:
+            raise ValueError(f"momres: --resume: {path} already holds {state['epoch']} epochs, "
+                             f"more than --epochs {self.config.epochs}; give --epochs "
+                             f"{state['epoch']} or more.")
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (see ``_read_checkpoint``): weights, optimizer, schedule,
+        scaler, random generators, metrics."""
+        path = self.out / "checkpoint.pt"
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            raise _not_a_checkpoint(path, "it does not fit the model", error) from None
         self.start_epoch, self.best_accuracy = state["epoch"], state["best_accuracy"]
         self.records = state["records"]
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                  strict=True):  # the schedule of this --epochs, from here on
+            group["lr"] = base_lr * lr_factor(self.config, self.start_epoch)
         if len(state["rng"]) == self.world_size:
             _set_rng_state(state["rng"][self.rank], self.device)
         else:
@@ -510,6 +554,26 @@ def _prepare_out(out: Path, resume: bool) -> None:
             raise FileExistsError(f"momres: {out} already holds a training run (checkpoint.pt); "
                                   "add --resume to continue it, or choose another --out.")
         (out / "metrics.jsonl").unlink(missing_ok=True)  # of a run stopped before its checkpoint
+
+
+def _not_a_checkpoint(path: Path, reason: str, error: Exception | None = None) -> ValueError:
+    """The error for a --resume checkpoint that momres cannot use, with torch's ``error``."""
+    detail = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else ""
+    if len(detail) > 120:  # torch's messages run long
+        detail = detail[:117] + "..."
+    return ValueError(f"momres: --resume: {path} is not a momres checkpoint "
+                      f"({reason}{': ' + detail if detail else ''}). Nothing was changed: "
+                      "restore the file from a backup, or start afresh in another --out.")
+
+
+def _as_option(key: str, value: Any) -> str:
+    """``Config.key = value`` as it reads on the command line, e.g. ``--lr 0.1``."""
+    if key == "memory_efficient":
+        return "no --no-memory-efficient" if value else "--no-memory-efficient"
+    flag = "--" + key.replace("_", "-")
+    if value is None:
+        return f"no {flag}"
+    return f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
