@@ -322,3 +322,22 @@ def test_resume_may_extend_the_run_and_follows_the_new_schedule(tmp_path, capsys
     assert [r["lr"] for r in read_metrics(out)] == pytest.approx([0.1, 0.05])  # cosine of 2
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == 2 and config["workers"] == 0
+
+
+def test_non_finite_test_loss_stops_the_run(tmp_path, capsys, monkeypatch):
+    evaluate = Trainer.evaluate
+    calls = []
+
+    def diverging(self):
+        calls.append(1)
+        return evaluate(self) if len(calls) == 1 else (float("nan"), 0.1)
+
+    monkeypatch.setattr(Trainer, "evaluate", diverging)
+    out = tmp_path / "run"
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--epochs", "2",
+                    "--batch-size", "64", "--out", str(out))
+    assert rc == 2, err
+    assert "diverged at epoch 2: the test loss is nan" in err and "after epoch 1" in err, err
+    assert "another --out" in err  # not --resume: that refuses a changed --lr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len(read_metrics(out)) == 1 and not (out / "summary.json").exists()

@@ -349,11 +349,7 @@ class Trainer:
                 else:
                     loss, correct = self._step(x, y)
             except (FloatingPointError, OverflowError) as error:
-                raise FloatingPointError(
-                    f"momres: training diverged at epoch {epoch + 1}, step {step + 1}: {error}. "
-                    f"Stopped; the last good checkpoint ({self._last_good()}) is kept. Lower --lr,"
-                    " or use --amp bfloat16 instead of float16, then --resume."
-                ) from None
+                raise self._diverged(f"epoch {epoch + 1}, step {step + 1}", error) from None
             totals += torch.stack([loss.double() * len(y), correct.double(),
                                    totals.new_tensor(len(y))])
             seconds = time.perf_counter() - start
@@ -394,6 +390,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         record = self.train_epoch(epoch)
         test_loss, test_accuracy = self.evaluate()
+        if not math.isfinite(test_loss):
+            raise self._diverged(f"epoch {epoch + 1}", f"the test loss is {test_loss}")
         self.scheduler.step()
         record = {"epoch": epoch + 1, "lr": lr, **record, "test_loss": test_loss,
                   "test_accuracy": test_accuracy}
@@ -441,10 +439,17 @@ class Trainer:
             "device": str(self.device),
         }
 
-    def _last_good(self) -> str:
+    def _diverged(self, where: str, error: object) -> FloatingPointError:
+        """The error that stops a diverged run; the last checkpoint is left as it was."""
         path = self.out / "checkpoint.pt"
         done = len(self.records) and self.records[-1]["epoch"]
-        return f"{path}, after epoch {done}" if done else "none yet"
+        last_good = f"{path}, after epoch {done}" if done else "none yet"
+        return FloatingPointError(
+            f"momres: training diverged at {where}: {error}. Stopped; the last good checkpoint "
+            f"({last_good}) is kept. Start a new run in another --out with a lower --lr or more "
+            "--warmup-epochs (--init-from the checkpoint keeps its weights), or with --amp "
+            "bfloat16 instead of float16."
+        )
 
     def _checkpoint(self, epochs_done: int) -> dict[str, Any]:
         rng = _rng_state(self.device)
