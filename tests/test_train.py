@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -214,3 +215,129 @@ def test_an_earlier_run_is_not_overwritten(tmp_path, capsys):
     rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--out", str(tmp_path / "run"))
     assert rc == 2 and "already holds a training run" in err and "--resume" in err
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == b"precious"
+
+
+def snapshot(out):
+    """Every file in ``out`` and its bytes: what a refused command must leave as it was."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A one-epoch run (the options of ``settings``) to resume, copied by each test."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    Trainer(Config(out=out, dataset="synthetic", model="mresnet20", epochs=1, batch_size=64,
+                   device="cpu", progress=False)).fit()
+    return out
+
+
+def copy_run(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+RESUME = ("--dataset", "synthetic", "--model", "mresnet20", "--batch-size", "64", "--resume")
+
+
+def test_resume_refuses_an_unreadable_checkpoint_and_changes_nothing(
+        finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    checkpoint = out / "checkpoint.pt"
+    good = checkpoint.read_bytes()
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "dict.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    del state["optimizer"]
+    torch.save(state, tmp_path / "partial.pt")
+    foreign = {
+        "truncated": good[: len(good) // 2], "random bytes": os.urandom(4096), "empty": b"",
+        "a plain tensor": (tmp_path / "tensor.pt").read_bytes(),
+        "a dict without the momres keys": (tmp_path / "dict.pt").read_bytes(),
+        "a checkpoint without its optimizer": (tmp_path / "partial.pt").read_bytes(),
+    }
+    for name, content in foreign.items():
+        checkpoint.write_bytes(content)
+        before = snapshot(out)
+        rc, err = train(tmp_path, capsys, *RESUME, "--out", str(out))
+        assert rc == 2, name
+        assert f"{checkpoint} is not a momres checkpoint" in err, (name, err)
+        assert "another --out" in err and "restore" in err, (name, err)
+        assert snapshot(out) == before, name
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--train-subset", "0"], "--train-subset must be at least 1"),
+    (["--train-subset", "129"], "--train-subset 129 is more than the 128 training images"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be in [0, --epochs)"),
+    (["--lr", "0"], "--lr must be > 0 and finite"),
+    (["--lr", "inf"], "--lr must be > 0 and finite"),
+    (["--weight-decay", "nan"], "--weight-decay must be >= 0 and finite"),
+    (["--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--lr-decay", "0"], "--lr-decay must be in (0, 1]"),
+    (["--milestones", "0", "5"], "--milestones must be epochs >= 1"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["--gamma", "nan"], "--gamma must be in [0, 1]"),
+])
+def test_numeric_options_are_checked(tmp_path, capsys, option, message):
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", *option,
+                    "--out", str(tmp_path / "run"))
+    assert rc == 2 and message in err, err
+
+
+def test_resume_refuses_options_that_change_the_training(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    rc, err = train(tmp_path, capsys, *RESUME, "--epochs", "2", "--gamma", "0.5",
+                    "--lr", "0.2", "--no-memory-efficient", "--amp", "--milestones", "3",
+                    "--out", str(out))
+    assert rc == 2, err
+    for change in ("--gamma 0.9 then, --gamma 0.5 now", "--lr 0.1 then, --lr 0.2 now",
+                   "no --no-memory-efficient then, --no-memory-efficient now",
+                   "no --amp then, --amp bfloat16 now", "no --milestones then, --milestones 3 now"):
+        assert change in err, (change, err)
+    assert "--epochs" not in err.split("then")[0]  # --epochs may change: it extends the run
+    assert snapshot(out) == before
+
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["epoch"] = 3
+    torch.save(state, out / "checkpoint.pt")
+    before = snapshot(out)
+    rc, err = train(tmp_path, capsys, *RESUME, "--epochs", "2", "--out", str(out))
+    assert rc == 2 and "already holds 3 epochs" in err and "--epochs 3" in err, err
+    assert snapshot(out) == before
+
+
+def test_resume_may_extend_the_run_and_follows_the_new_schedule(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ("--dataset", "synthetic", "--batch-size", "64", "--schedule", "cosine",
+              "--out", str(out))
+    assert train(tmp_path, capsys, *common, "--epochs", "1")[0] == 0
+    rc, err = train(tmp_path, capsys, *common, "--resume", "--epochs", "2", "--workers", "0",
+                    "--data-dir", str(tmp_path))
+    assert rc == 0, err
+    assert [r["lr"] for r in read_metrics(out)] == pytest.approx([0.1, 0.05])  # cosine of 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 2 and config["workers"] == 0
+
+
+def test_non_finite_test_loss_stops_the_run(tmp_path, capsys, monkeypatch):
+    evaluate = Trainer.evaluate
+    calls = []
+
+    def diverging(self):
+        calls.append(1)
+        return evaluate(self) if len(calls) == 1 else (float("nan"), 0.1)
+
+    monkeypatch.setattr(Trainer, "evaluate", diverging)
+    out = tmp_path / "run"
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--epochs", "2",
+                    "--batch-size", "64", "--out", str(out))
+    assert rc == 2, err
+    assert "diverged at epoch 2: the test loss is nan" in err and "after epoch 1" in err, err
+    assert "another --out" in err  # not --resume: that refuses a changed --lr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len(read_metrics(out)) == 1 and not (out / "summary.json").exists()

@@ -48,6 +48,15 @@ from .memory import MIB, activation_memory, peak_bytes, tensor_bytes
 
 SCHEDULES = ("step", "cosine")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Options that may differ on --resume: they change where and how fast a run goes, not what it
+#: trains (--epochs extends it). Any other difference is refused.
+RESUMABLE = frozenset({"epochs", "out", "device", "workers", "progress", "data_dir", "download",
+                       "resume"})
+#: What every momres checkpoint holds.
+CHECKPOINT_KEYS = ("momres", "epoch", "config", "model", "optimizer", "scheduler", "scaler",
+                   "rng", "records", "best_accuracy")
+#: What torch.load raises for a file that is not a (whole) PyTorch file.
+UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)
 
 
 @dataclass
@@ -84,13 +93,29 @@ class Config:
         if self.dataset not in DATASETS:
             raise ValueError(f"momres: unknown data set {self.dataset!r}; choose one of "
                              f"{', '.join(DATASETS)}.")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError("momres: --warmup-epochs must be in [0, --epochs).")
         for name in ("epochs", "batch_size", "train_subset"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"momres: --{name.replace('_', '-')} must be at least 1.")
-        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError("momres: need --lr > 0, --weight-decay >= 0, 0 <= --momentum < 1.")
+                raise ValueError(f"momres: --{name.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(self, name)}.")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError("momres: --warmup-epochs must be in [0, --epochs), got "
+                             f"{self.warmup_epochs} with --epochs {self.epochs}.")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"momres: --workers must be at least 0 (0: load in the main "
+                             f"process), got {self.workers}.")
+        if self.milestones is not None and min(self.milestones, default=1) < 1:
+            raise ValueError(f"momres: --milestones must be epochs >= 1, got {self.milestones}.")
+        if not 0 <= self.seed < 2**32:  # NumPy's range
+            raise ValueError(f"momres: --seed must be in [0, 2**32), got {self.seed}.")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"momres: --lr must be > 0 and finite, got {self.lr}.")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"momres: --weight-decay must be >= 0 and finite, got "
+                             f"{self.weight_decay}.")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momres: --momentum must be in [0, 1), got {self.momentum}.")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"momres: --lr-decay must be in (0, 1], got {self.lr_decay}.")
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"momres: --gamma must be in [0, 1], got {self.gamma}.")
         if self.schedule not in SCHEDULES:
@@ -153,7 +178,7 @@ def load_pretrained(model: nn.Module, path: Path) -> list[str]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"momres: --init-from {path}: no such file.") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except UNREADABLE as error:
         raise ValueError(f"momres: --init-from {path} is not a PyTorch state dict or momres "
                          f"checkpoint ({error}).") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -203,6 +228,7 @@ class Trainer:
         self.out = Path(config.out)
         if self.main:
             _prepare_out(self.out, config.resume)
+        checkpoint = self._read_checkpoint() if config.resume else None  # before any write
         if config.amp == "float16" and self.device.type != "cuda":
             raise ValueError("momres: --amp float16 needs CUDA; on CPU use --amp bfloat16.")
         self.amp_dtype = AMP_DTYPES.get(config.amp)  # None: no autocast
@@ -232,8 +258,8 @@ class Trainer:
         self.train_loader, self.test_loader = self._loaders()
 
         self.start_epoch, self.best_accuracy, self.records = 0, -1.0, []
-        if config.resume:
-            self._restore()
+        if checkpoint is not None:
+            self._restore(checkpoint)
         self.activation_mib = self._activation_memory() / MIB
         self.memory_counter = ("torch.cuda.max_memory_allocated" if self.device.type == "cuda"
                                else "cpu: model and optimizer state + torch.profiler peak of one"
@@ -254,6 +280,9 @@ class Trainer:
         workers = config.workers if config.workers is not None else (4 if cuda else 0)
         train = self.data.train
         if config.train_subset is not None:  # the same images for every seed and model
+            if config.train_subset > len(train):
+                raise ValueError(f"momres: --train-subset {config.train_subset} is more than the "
+                                 f"{len(train)} training images; give at most {len(train)}.")
             keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
             train = Subset(train, keep[: config.train_subset].tolist())
         if len(train) < config.batch_size * self.world_size:
@@ -320,11 +349,7 @@ class Trainer:
                 else:
                     loss, correct = self._step(x, y)
             except (FloatingPointError, OverflowError) as error:
-                raise FloatingPointError(
-                    f"momres: training diverged at epoch {epoch + 1}, step {step + 1}: {error}. "
-                    f"Stopped; the last good checkpoint ({self._last_good()}) is kept. Lower --lr,"
-                    " or use --amp bfloat16 instead of float16, then --resume."
-                ) from None
+                raise self._diverged(f"epoch {epoch + 1}, step {step + 1}", error) from None
             totals += torch.stack([loss.double() * len(y), correct.double(),
                                    totals.new_tensor(len(y))])
             seconds = time.perf_counter() - start
@@ -365,6 +390,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         record = self.train_epoch(epoch)
         test_loss, test_accuracy = self.evaluate()
+        if not math.isfinite(test_loss):
+            raise self._diverged(f"epoch {epoch + 1}", f"the test loss is {test_loss}")
         self.scheduler.step()
         record = {"epoch": epoch + 1, "lr": lr, **record, "test_loss": test_loss,
                   "test_accuracy": test_accuracy}
@@ -412,10 +439,17 @@ class Trainer:
             "device": str(self.device),
         }
 
-    def _last_good(self) -> str:
+    def _diverged(self, where: str, error: object) -> FloatingPointError:
+        """The error that stops a diverged run; the last checkpoint is left as it was."""
         path = self.out / "checkpoint.pt"
         done = len(self.records) and self.records[-1]["epoch"]
-        return f"{path}, after epoch {done}" if done else "none yet"
+        last_good = f"{path}, after epoch {done}" if done else "none yet"
+        return FloatingPointError(
+            f"momres: training diverged at {where}: {error}. Stopped; the last good checkpoint "
+            f"({last_good}) is kept. Start a new run in another --out with a lower --lr or more "
+            "--warmup-epochs (--init-from the checkpoint keeps its weights), or with --amp "
+            "bfloat16 instead of float16."
+        )
 
     def _checkpoint(self, epochs_done: int) -> dict[str, Any]:
         rng = _rng_state(self.device)
@@ -429,22 +463,56 @@ class Trainer:
             "rng": states, "records": self.records,
         }
 
-    def _restore(self) -> None:
+    def _read_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint in ``--out``, checked to be a momres checkpoint of this run's options
+        (but for those in ``RESUMABLE``)."""
         path = self.out / "checkpoint.pt"
         if not path.is_file():
             raise FileNotFoundError(f"momres: --resume: no checkpoint at {path}; run without "
                                     "--resume to start training.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("model", "dataset"):
-            if state["config"][key] != getattr(self.config, key):
-                raise ValueError(f"momres: --resume: {path} was trained with --{key} "
-                                 f"{state['config'][key]}, not {getattr(self.config, key)}.")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except UNREADABLE:
+            raise _not_a_checkpoint(path, "truncated, or not a PyTorch file") from None
+        if not isinstance(state, dict):
+            raise _not_a_checkpoint(path, f"it holds a {type(state).__name__}")
+        missing = [key for key in CHECKPOINT_KEYS if key not in state]
+        if missing or not isinstance(state["config"], dict):
+            raise _not_a_checkpoint(path, f"it lacks {', '.join(missing) or 'a config'}")
+        old, new = state["config"], self.config.as_dict()
+        changed = [key for key in new if key not in RESUMABLE and key in old
+                   and old[key] != new[key]]
+        if changed:
+            raise ValueError(
+                f"momres: --resume: {path} was trained with other options: "
+                + "; ".join(f"{_as_option(k, old[k])} then, {_as_option(k, new[k])} now"
+                            for k in changed)
+                + ". Resume with the options it was trained with (only --epochs, --out, "
+                "--device, --workers, --data-dir, --download and --no-progress may change), or "
+                "start a new run in another --out."
+            )
+        if state["epoch"] > self.config.epochs:
+            raise ValueError(f"momres: --resume: {path} already holds {state['epoch']} epochs, "
+                             f"more than --epochs {self.config.epochs}; give --epochs "
+                             f"{state['epoch']} or more.")
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (see ``_read_checkpoint``): weights, optimizer, schedule,
+        scaler, random generators, metrics."""
+        path = self.out / "checkpoint.pt"
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            raise _not_a_checkpoint(path, "it does not fit the model", error) from None
         self.start_epoch, self.best_accuracy = state["epoch"], state["best_accuracy"]
         self.records = state["records"]
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                  strict=True):  # the schedule of this --epochs, from here on
+            group["lr"] = base_lr * lr_factor(self.config, self.start_epoch)
         if len(state["rng"]) == self.world_size:
             _set_rng_state(state["rng"][self.rank], self.device)
         else:
@@ -491,6 +559,26 @@ def _prepare_out(out: Path, resume: bool) -> None:
             raise FileExistsError(f"momres: {out} already holds a training run (checkpoint.pt); "
                                   "add --resume to continue it, or choose another --out.")
         (out / "metrics.jsonl").unlink(missing_ok=True)  # of a run stopped before its checkpoint
+
+
+def _not_a_checkpoint(path: Path, reason: str, error: Exception | None = None) -> ValueError:
+    """The error for a --resume checkpoint that momres cannot use, with torch's ``error``."""
+    detail = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else ""
+    if len(detail) > 120:  # torch's messages run long
+        detail = detail[:117] + "..."
+    return ValueError(f"momres: --resume: {path} is not a momres checkpoint "
+                      f"({reason}{': ' + detail if detail else ''}). Nothing was changed: "
+                      "restore the file from a backup, or start afresh in another --out.")
+
+
+def _as_option(key: str, value: Any) -> str:
+    """``Config.key = value`` as it reads on the command line, e.g. ``--lr 0.1``."""
+    if key == "memory_efficient":
+        return "no --no-memory-efficient" if value else "--no-memory-efficient"
+    flag = "--" + key.replace("_", "-")
+    if value is None:
+        return f"no {flag}"
+    return f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:

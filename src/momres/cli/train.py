@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", default=d.device, help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
     add("--workers", type=int, help="data-loading processes (default: 4 on CUDA, 0 on CPU)")
     add("--out", type=Path, required=True, help="output folder")
-    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    add("--resume", action="store_true",
+        help="continue the run in --out from its checkpoint, with the same options (--epochs "
+             "may grow; --device, --workers, --data-dir and --no-progress may change)")
     add("--init-from", type=Path, help="torchvision ResNet state dict or momres checkpoint")
     add("--train-subset", type=int, metavar="N",
         help="train on a fixed random subset of N images (quick runs); test on all")
