@@ -139,8 +139,8 @@ class FloatInversion(Inversion):
         # sqrt(n * sum of squares), which does not vanish when values cancel, squares against
         # the sum of squares; x and v share one scale (v_0 is often zero).
         expected, rebuilt, n = self.moments, _moments(self.x, self.v), self.x.numel()
-        square = (expected[1] + expected[3]).clamp_min(1e-300)
-        scale = torch.stack([(n * square).sqrt(), square] * 2)
+        square = expected[1] + expected[3]
+        scale = torch.stack([(n * square).sqrt(), square] * 2).clamp_min(1e-300)
         deviation = ((rebuilt - expected).abs() / scale).max().item()
         tolerance = FLOAT_TOLERANCE.get(self.dtype, LOW_PRECISION_TOLERANCE)
         if not deviation <= tolerance:
