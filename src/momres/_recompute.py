@@ -55,6 +55,7 @@ class Stage:
     params: list[torch.Tensor]  # trainable parameters, in the order they enter the Function
     block_params: list[list[int]]  # per block: indices of its parameters in ``params``
     block_names: list[list[str]]  # per block: the names of those parameters in the block
+    block_frozen: list[dict[str, torch.Tensor]]  # per block: its frozen parameters, by name
     versions: list[tuple[torch.Tensor, int]]  # every parameter (frozen too), its version then
     arg_spec: pytree.TreeSpec
     arg_leaves: list[Any]  # flattened (args, kwargs); tensors replaced at call time
@@ -76,12 +77,14 @@ def build_stage(
     """The stage description, its trainable parameters and the tensors among the arguments."""
     params: list[torch.Tensor] = []
     index: dict[int, int] = {}
-    block_params, block_names, versions = [], [], []
+    block_params, block_names, block_frozen, versions = [], [], [], []
     for f in functions:
-        mine, names = [], []
+        mine, names, frozen = [], [], {}
         for name, p in f.named_parameters():
             versions.append((p, p._version))
-            if p.requires_grad:
+            if not p.requires_grad:
+                frozen[name] = p
+            else:
                 if id(p) not in index:
                     index[id(p)] = len(params)
                     params.append(p)
@@ -89,9 +92,11 @@ def build_stage(
                 names.append(name)
         block_params.append(mine)
         block_names.append(names)
+        block_frozen.append(frozen)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    stage = Stage(functions, residual, params, block_params, block_names, versions, spec, leaves)
+    stage = Stage(functions, residual, params, block_params, block_names, block_frozen,
+                  versions, spec, leaves)
     return stage, params, tensors
 
 
@@ -186,8 +191,10 @@ class Replayer:
         """
         x = x.detach().requires_grad_()
         f, indices = self.stage.functions[n], self.stage.block_params[n]
-        params = {name: self.leaves[j]
-                  for name, j in zip(self.stage.block_names[n], indices, strict=True)}
+        # Frozen parameters too: torch.func.functional_call may have swapped them as well.
+        params = {**self.stage.block_frozen[n],
+                  **{name: self.leaves[j]
+                     for name, j in zip(self.stage.block_names[n], indices, strict=True)}}
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
         ), frozen_batchnorm(f):
