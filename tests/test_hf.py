@@ -7,6 +7,7 @@ autograd through the same rule (``memory_efficient=False``), which runs no Funct
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -232,3 +233,21 @@ def test_hf_trainer_smoke(tmp_path):
         warnings.simplefilter("ignore")
         result = transformers.Trainer(model=model, args=args, train_dataset=data).train()
     assert torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_lm_experiment_runs_at_a_tiny_size(tmp_path):
+    from momres.cli.experiments import lm
+
+    config = lm.Config(layers=2, hidden=32, seq=32, batch=4, steps=20, corpus_bytes=100_000,
+                       val_batches=2, timing_rounds=2)
+    result = lm.run(tmp_path, config)
+    m = result["metrics"]
+    written = json.loads((tmp_path / "result.json").read_text())
+    assert written["metrics"]["plain_val_loss"] == m["plain_val_loss"]
+    assert (tmp_path / "lm.png").stat().st_size > 10_000
+    # 20 steps of a byte-level model: all three fall well below log(256) = 5.5 nats.
+    for key in ("plain_val_loss", "momentum_val_loss", "retrofit_val_loss"):
+        assert m[key] < 4.5
+    assert abs(m["momentum_val_loss"] / m["plain_val_loss"] - 1) < 0.1
+    assert m["momentum_peak_mib"] < m["plain_peak_mib"]
+    assert m["retrofit_val_loss_at_conversion"] > 0
