@@ -203,6 +203,10 @@ class Parent(torch.nn.Module):
         if self.how == "inplace":
             y = layers[0](x)
             return layers[1](y.mul_(2))
+        if self.how == "twice":  # two passes over the stack: two chains
+            for layer in [*layers, *layers]:
+                x = layer(x)
+            return x
         if self.how == "intermediate":  # the loss ignores the last layer's output
             y = layers[1](layers[0](x))
             layers[2](y)
@@ -220,6 +224,23 @@ def test_patterns_the_chain_cannot_follow_are_refused(how, match):
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match=match):
         model(x).sum().backward()
+
+
+def test_a_stack_run_twice_is_two_momentum_stages():
+    torch.manual_seed(0)
+    model = Parent("twice").double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    rule = momres.MomentumNet(list(model.layers), 0.9, residual=False, memory_efficient=False)
+    fast = momres.to_momentum(model, 0.9)
+    with torch.no_grad():
+        assert rel(fast(x), rule(rule(x))) < 1e-12
+    plain = momres.to_momentum(model, 0.9, memory_efficient=False)
+    grads = []
+    for m in (fast, plain):
+        out = m(x)
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(
+            out.square().sum(), [x, *m.parameters()])]))
+    assert rel(grads[0], grads[1]) < 1e-8
 
 
 def test_hf_trainer_smoke(tmp_path):

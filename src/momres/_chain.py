@@ -129,33 +129,37 @@ def _link_of(x: torch.Tensor) -> tuple[Chain, int, int] | None:
 
 
 def _continue(spec: LinkSpec, x: torch.Tensor, name: str) -> Chain | None:
-    """The chain that link ``spec.index`` continues (``None``: it starts one), or an error."""
-    link = _link_of(x)
+    """The chain that link ``spec.index`` continues (``None``: it starts one), or an error.
+
+    The first link always starts a chain (a parent may run its stack twice: two momentum
+    stages); every other link must continue the chain on its input, right after its
+    predecessor.
+    """
     n = spec.index
-    if link is not None and link[0].options is spec.options:
-        chain, after, version = link
-        if x._version != version:
-            raise RuntimeError(
-                f"momres: the hidden states reaching layer {n} ({name}) were modified in place "
-                "after the previous layer; a momentum chain needs them as that layer returned "
-                "them."
-            )
-        if after == chain.next == n and chain.back_next is None:
-            return chain
-        raise RuntimeError(
-            f"momres: layer {n} ({name}) of a momentum stage was called on the output of layer "
-            f"{after - 1}, after the chain had moved on to layer {chain.next}: a momentum "
-            "stage runs its layers in order, each once per pass. Skipping or repeating layers "
-            "would compute another function."
-        )
     if n == 0:
         return None
-    raise RuntimeError(
-        f"momres: layer {n} ({name}) of a momentum stage was called on hidden states that are "
-        f"not the output of layer {n - 1}; the parent model changes them between layers (or "
-        "skips a layer), which the momentum rule, carrying a velocity from layer to layer, "
-        "cannot do. Convert a stack whose parent passes each layer's output to the next."
-    )
+    link = _link_of(x)
+    if link is None or link[0].options is not spec.options:
+        raise RuntimeError(
+            f"momres: layer {n} ({name}) of a momentum stage was called on hidden states "
+            f"that are not the output of layer {n - 1}; the parent model changes them between "
+            "layers, which the momentum rule, carrying a velocity from layer to layer, cannot "
+            "follow. Convert a stack whose parent passes each layer's output to the next."
+        )
+    chain, after, version = link
+    if x._version != version:
+        raise RuntimeError(
+            f"momres: the hidden states reaching layer {n} ({name}) were modified in place "
+            "after the previous layer; a momentum chain needs them as that layer returned them."
+        )
+    if not after == chain.next == n or chain.back_next is not None:
+        raise RuntimeError(
+            f"momres: layer {n} ({name}) of a momentum stage was called on the output of layer "
+            f"{after - 1}, after the chain had moved on to layer {chain.next}: a momentum stage "
+            "runs its layers in order, each once per pass. Skipping or repeating layers would "
+            "compute another function."
+        )
+    return chain
 
 
 def _is_cache(value: object) -> bool:
@@ -256,6 +260,9 @@ def _refuse_unfilled(chain: Chain, cache: object) -> None:
         )
 
 
+# Under torch.compile each link is a graph break, like a memory-free MomentumNet: the exact
+# arithmetic needs eager kernels, and the chain rides on attributes of the hidden states.
+@torch.compiler.disable
 def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.Tensor,
               args: tuple, kwargs: dict):
     """Link ``spec.index`` on ``x``: ``x_{n+1}`` (and whatever else the block returns)."""
