@@ -110,6 +110,16 @@ def test_memory_free_gradients_equal_plain_autograd(name):
     assert rel(gradients(fast, batch), gradients(plain, batch)) < 1e-8
 
 
+def test_hf_checkpointing_leaves_converted_layers_memory_free():
+    """Layers that store nothing are not checkpointed again: same gradients."""
+    model = tiny("gpt2").train()
+    batch = inputs("gpt2")
+    fast = momres.to_momentum(model, 0.9)
+    fast.activation_checkpointing_enable({"use_reentrant": False})
+    plain = momres.to_momentum(model, 0.9, memory_efficient=False)
+    assert rel(gradients(fast, batch), gradients(plain, batch)) < 1e-8
+
+
 def test_state_dicts_round_trip_and_deepcopy():
     model = tiny("llama")
     converted = momres.to_momentum(model, 0.9)
