@@ -31,12 +31,13 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import _exact
-from ._recompute import Recorder, Replayer, build_stage, graph_kept
+from ._recompute import Recorder, Replayer, Stage, build_stage, graph_kept
 from ._replay import checkpointed
 from ._rule import Inversion, Rule
 from .momentum import _snapped, momentum_rule
@@ -87,15 +88,21 @@ class Chain:
         self.next = 0  # index of the link that may continue the chain
         self.state: Inversion | None = None  # from the first memory-free link on
         self.start = 0  # that link
+        self.rule: Rule | None = None  # the rule the state follows, fixed when it starts
         self.saved: tuple[list[torch.Tensor], object] | None = None  # the final state, finished
         self.back: Inversion | None = None  # the state the backward pass rebuilds
         self.back_next: int | None = None  # the link whose backward pass comes next
         self.grad_v: torch.Tensor | None = None  # dL/dv of that link's output
         self.token = object()  # marks the KV caches this pass left unfilled
 
-    def rule(self, dtype: torch.dtype) -> Rule:
+    def begin(self, n: int, x: torch.Tensor) -> None:
+        """Start the memory-free state at link ``n`` from ``(x, v)``; ``v`` moves into it."""
         o = self.options
-        return Rule(*o.gamma_fraction, o.exact, o.frac_bits or _exact.default_frac_bits(dtype))
+        self.rule = Rule(*o.gamma_fraction, o.exact,
+                         o.frac_bits or _exact.default_frac_bits(x.dtype))
+        self.start, self.state = n, self.rule.inversion(x.dtype, o.depth - n)
+        self.state.start(x, self.v)
+        self.v = None
 
     def backward_state(self, n: int, dtype: torch.dtype) -> Inversion:
         """The state at link ``n``'s output, as the backward pass rebuilds it."""
@@ -108,7 +115,7 @@ class Chain:
                     "momres: backward through a memory-free momentum chain a second time; its "
                     "state was consumed. Use retain_graph=True in the first backward call."
                 )
-            self.back = self.rule(dtype).inversion(dtype, self.options.depth - self.start)
+            self.back = self.rule.inversion(dtype, self.options.depth - self.start)
             self.back.resume(*self.saved)
             if not graph_kept():  # resume rebuilds in the saved tensors themselves
                 self.saved = None
@@ -124,10 +131,6 @@ class Chain:
         return self.back
 
 
-def _link_of(x: torch.Tensor) -> tuple[Chain, int, int] | None:
-    return getattr(x, "_momres_link", None)
-
-
 def _continue(spec: LinkSpec, x: torch.Tensor, name: str) -> Chain | None:
     """The chain that link ``spec.index`` continues (``None``: it starts one), or an error.
 
@@ -138,7 +141,7 @@ def _continue(spec: LinkSpec, x: torch.Tensor, name: str) -> Chain | None:
     n = spec.index
     if n == 0:
         return None
-    link = _link_of(x)
+    link = getattr(x, "_momres_link", None)  # (chain, next link, version), set by a link
     if link is None or link[0].options is not spec.options:
         raise RuntimeError(
             f"momres: layer {n} ({name}) of a momentum stage was called on hidden states "
@@ -188,7 +191,8 @@ class LinkFunction(torch.autograd.Function):
     """Link ``n``: ``x_n -> x_{n+1}`` memory-free; ``v`` travels in the chain."""
 
     @staticmethod
-    def forward(ctx, chain: Chain, n: int, stage, x: torch.Tensor, *inputs: torch.Tensor):
+    def forward(ctx, chain: Chain, n: int, stage: Stage, x: torch.Tensor,
+                *inputs: torch.Tensor) -> torch.Tensor:
         run = Recorder(ctx, stage, inputs[stage.n_params :], x.device)
         if n == chain.start:  # the state starts here: the block sees x on the exact grid
             x = chain.state.position()
@@ -200,11 +204,11 @@ class LinkFunction(torch.autograd.Function):
         return chain.state.position().clone()
 
     @staticmethod
-    def backward(ctx, grad_x: torch.Tensor | None):
+    def backward(ctx, grad_x: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         chain, n = ctx.chain, ctx.n
         replay = Replayer(ctx, 4, "to_momentum(..., memory_efficient=False)")
         state = chain.backward_state(n, ctx.dtype)
-        gamma = chain.options.gamma
+        gamma = chain.rule.gamma
         x = state.retreat()
         # b = dL/dx_{n+1} + dL/dv_{n+1};  dL/dx_n = a_x + (1-gamma) J^T b;  dL/dv_n = gamma b.
         a_x = torch.zeros_like(x) if grad_x is None else grad_x.clone()
@@ -264,7 +268,7 @@ def _refuse_unfilled(chain: Chain, cache: object) -> None:
 # arithmetic needs eager kernels, and the chain rides on attributes of the hidden states.
 @torch.compiler.disable
 def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.Tensor,
-              args: tuple, kwargs: dict):
+              args: tuple, kwargs: dict) -> torch.Tensor | tuple:
     """Link ``spec.index`` on ``x``: ``x_{n+1}`` (and whatever else the block returns)."""
     options, n = spec.options, spec.index
     inner = _Inner(block, base)
@@ -280,10 +284,7 @@ def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.
         # (links below it, frozen, run plainly and hand it their velocity).
         if chain.state is None and (x.requires_grad or params
                                     or any(t.requires_grad for t in tensors)):
-            chain.start = n
-            chain.state = chain.rule(x.dtype).inversion(x.dtype, options.depth - n)
-            chain.state.start(x, chain.v)
-            chain.v = None
+            chain.begin(n, x)
         memory_free = chain.state is not None
     else:
         for value in (*args, *kwargs.values()):
@@ -299,7 +300,7 @@ def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.
 
 
 def _run_plain(block: nn.Module, spec: LinkSpec, base: type[nn.Module], args: tuple,
-               kwargs: dict):
+               kwargs: dict) -> Any:
     """A block left plain at the start of the stack (the first block of a named stage)."""
     forward = base.forward.__get__(block)
     if spec.options.checkpoint and torch.is_grad_enabled():
@@ -317,7 +318,7 @@ def link_class(base: type[nn.Module]) -> type[nn.Module]:
     names = list(inspect.signature(base.forward).parameters)
     hidden = names[1] if names[0] == "self" and len(names) > 1 else names[0]
 
-    def forward(self, *args, **kwargs):
+    def forward(self: nn.Module, *args, **kwargs) -> Any:
         spec: LinkSpec = self.momres_link
         if spec.index is None:
             return _run_plain(self, spec, base, args, kwargs)
