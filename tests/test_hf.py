@@ -253,6 +253,57 @@ def test_a_stack_run_twice_is_two_momentum_stages():
     assert rel(grads[0], grads[1]) < 1e-8
 
 
+class TupleLayer(torch.nn.Module):
+    """A layer returning ``(hidden_states, extra)``, as older Hugging Face layers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, extra: bool = False) -> tuple:
+        y = x + torch.tanh(self.lin(x))
+        return y, (y.sum() if extra else None)
+
+
+class TupleParent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(TupleLayer() for _ in range(3))
+
+    def forward(self, x: torch.Tensor, extra: bool = False) -> torch.Tensor:
+        for layer in self.layers:
+            x, _ = layer(x, extra=extra)
+        return x
+
+
+def test_layers_returning_tuples():
+    torch.manual_seed(0)
+    model = TupleParent().double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    fast = momres.to_momentum(model, 0.9)
+    plain = momres.to_momentum(model, 0.9, memory_efficient=False)
+    rule = momres.MomentumNet([HiddenOnly(m) for m in model.layers], 0.9, residual=False,
+                              memory_efficient=False)
+    with torch.no_grad():
+        assert rel(fast(x), rule(x)) < 1e-12
+    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(
+        m(x).square().sum(), [x, *m.parameters()])]) for m in (fast, plain)]
+    assert rel(grads[0], grads[1]) < 1e-8
+    with pytest.raises(RuntimeError, match="besides its hidden states"):
+        fast(x, extra=True)
+
+
+class HiddenOnly(torch.nn.Module):
+    """A tuple layer's hidden states only, for the reference ``MomentumNet``."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[0]
+
+
 def test_hf_trainer_smoke(tmp_path):
     model = momres.to_momentum(tiny("gpt2").float(), 0.9)
     ids = torch.randint(2, VOCAB, (8, SEQ), generator=torch.Generator().manual_seed(4))

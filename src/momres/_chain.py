@@ -292,6 +292,14 @@ def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.
                 _refuse_unfilled(chain, value)
     if memory_free:
         y = LinkFunction.apply(chain, n, stage, x, *params, *tensors)
+        if any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in inner.rest):
+            # Computed without grad: a loss on them would get no gradient through them.
+            raise RuntimeError(
+                f"momres: layer {n} ({type(block).__name__}) returns tensors besides its "
+                "hidden states (attention weights?); memory-free they would carry no gradient. "
+                "Do not ask the layers for them while training (output_attentions=False), or "
+                "convert with memory_efficient=False."
+            )
     else:
         # The rule itself (no grad, or plain autograd): v carries its own graph, if any.
         y, chain.v = momentum_rule([inner], options.gamma, x, chain.v, args, kwargs, False)
