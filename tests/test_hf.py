@@ -110,6 +110,17 @@ def test_memory_free_gradients_equal_plain_autograd(name):
     assert rel(gradients(fast, batch), gradients(plain, batch)) < 1e-8
 
 
+def test_outputs_recorded_inside_the_layers_are_refused_while_training_memory_free():
+    model = momres.to_momentum(tiny("gpt2"), 0.9).train()
+    batch = inputs("gpt2")
+    out = model(**batch, output_hidden_states=True)  # recorded around the links: fine
+    assert len(out.hidden_states) == 4 and out.hidden_states[-1].requires_grad
+    with pytest.raises(RuntimeError, match="records attentions"):
+        model(**batch, output_attentions=True)
+    with torch.no_grad():  # without grad nothing is lost
+        model(**batch, output_attentions=True)
+
+
 def test_hf_checkpointing_leaves_converted_layers_memory_free():
     """Layers that store nothing are not checkpointed again: same gradients."""
     model = tiny("gpt2").train()

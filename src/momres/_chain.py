@@ -29,6 +29,7 @@ function, so it is refused.
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -278,6 +279,7 @@ def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.
     chain.next = n + 1
     memory_free = options.memory_efficient and torch.is_grad_enabled()
     if memory_free:
+        _refuse_recorded_outputs(n, type(block).__name__)
         args, kwargs = _without_caches(chain, n, args, kwargs)
         stage, params, tensors = build_stage([inner], False, args, kwargs)
         # The memory-free part of the chain starts at the first link that needs a gradient
@@ -305,6 +307,25 @@ def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.
         y, chain.v = momentum_rule([inner], options.gamma, x, chain.v, args, kwargs, False)
     y._momres_link = (chain, n + 1, y._version)
     return (y, *inner.rest) if inner.rest else y
+
+
+def _refuse_recorded_outputs(n: int, name: str) -> None:
+    """Refuse transformers' recording of outputs from inside the layers (attention weights,
+    MoE router logits) in a memory-free pass: computed without grad, a loss on them (an
+    auxiliary loss) would get no gradient through them.  Duck-typed: only if transformers is
+    imported, through its output collector; the layers' own outputs (hidden states) are
+    recorded around the link and keep their gradient."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(capturing, "_active_collector", None)
+    recorded = collector.get() if collector is not None else None
+    inner = [k for k in recorded or () if k != "hidden_states" and not k.startswith("_")]
+    if inner:
+        raise RuntimeError(
+            f"momres: the model records {', '.join(inner)} from inside layer {n} ({name}) "
+            "while training memory-free; those tensors would carry no gradient. Train without "
+            "asking for them (output_attentions=False, output_router_logits=False), or "
+            "convert with memory_efficient=False."
+        )
 
 
 def _run_plain(block: nn.Module, spec: LinkSpec, base: type[nn.Module], args: tuple,
