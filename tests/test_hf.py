@@ -224,6 +224,11 @@ class Parent(torch.nn.Module):
         if self.how == "inplace":
             y = layers[0](x)
             return layers[1](y.mul_(2))
+        if self.how in ("loop", "checkpointed"):
+            for layer in layers:
+                x = (layer(x) if self.how == "loop" else
+                     torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False))
+            return x
         if self.how == "twice":  # two passes over the stack: two chains
             for layer in [*layers, *layers]:
                 x = layer(x)
@@ -245,6 +250,24 @@ def test_patterns_the_chain_cannot_follow_are_refused(how, match):
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match=match):
         model(x).sum().backward()
+
+
+def test_a_parent_that_checkpoints_its_layers():
+    """Memory-free links save no tensor for the parent's checkpoint to recompute, so it never
+    replays them: plain autograd's gradients.  Under plain autograd the replay would call each
+    layer a second time in the backward pass: refused."""
+    torch.manual_seed(0)
+    model = Parent("checkpointed").double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    loop = copy.deepcopy(model)
+    loop.how = "loop"
+    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(
+        m(x).square().sum(), [x, *m.parameters()])])
+        for m in (momres.to_momentum(model, 0.9),
+                  momres.to_momentum(loop, 0.9, memory_efficient=False))]
+    assert rel(grads[0], grads[1]) < 1e-8
+    with pytest.raises(RuntimeError, match="turn its checkpointing off"):
+        momres.to_momentum(model, 0.9, memory_efficient=False)(x).sum().backward()
 
 
 def test_a_stack_run_twice_is_two_momentum_stages():

@@ -148,7 +148,8 @@ def _continue(spec: LinkSpec, x: torch.Tensor, name: str) -> Chain | None:
             f"momres: layer {n} ({name}) of a momentum stage was called on hidden states "
             f"that are not the output of layer {n - 1}; the parent model changes them between "
             "layers, which the momentum rule, carrying a velocity from layer to layer, cannot "
-            "follow. Convert a stack whose parent passes each layer's output to the next."
+            "follow. Convert a stack whose parent passes each layer's output to the next (and "
+            "does not checkpoint the layers: memory-free layers need no checkpointing)."
         )
     chain, after, version = link
     if x._version != version:
@@ -161,7 +162,8 @@ def _continue(spec: LinkSpec, x: torch.Tensor, name: str) -> Chain | None:
             f"momres: layer {n} ({name}) of a momentum stage was called on the output of layer "
             f"{after - 1}, after the chain had moved on to layer {chain.next}: a momentum stage "
             "runs its layers in order, each once per pass. Skipping or repeating layers would "
-            "compute another function."
+            "compute another function. (A parent that checkpoints its layers calls them again "
+            "in the backward pass: turn its checkpointing off, memory-free layers need none.)"
         )
     return chain
 
