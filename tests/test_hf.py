@@ -270,6 +270,15 @@ def test_a_parent_that_checkpoints_its_layers():
         momres.to_momentum(model, 0.9, memory_efficient=False)(x).sum().backward()
 
 
+def test_a_stack_holding_one_layer_several_times_is_refused():
+    model = Parent("loop")
+    model.layers = torch.nn.ModuleList([model.layers[0]] * 3)
+    with pytest.raises(ValueError, match="no stage to convert"):
+        momres.to_momentum(model, 0.9)
+    with pytest.raises(ValueError, match="same layer object several times"):
+        momres.to_momentum(model, 0.9, stages=["layers"], keep_first=False)
+
+
 def test_a_stack_run_twice_is_two_momentum_stages():
     torch.manual_seed(0)
     model = Parent("twice").double()

@@ -382,6 +382,13 @@ def convert_stack(blocks: nn.ModuleList, gamma: float, plain: int = 0, **options
             f"momres: a stage of {len(blocks)} blocks with {plain} run plainly leaves no "
             "block to convert."
         )
+    if len({id(block) for block in blocks}) < len(blocks):
+        # One module object cannot hold two places in a chain.
+        raise ValueError(
+            "momres: this layer stack holds the same layer object several times (shared "
+            "weights); a chain needs one object per place. Run such a stack through "
+            "momres.MomentumNet, which accepts repeated blocks."
+        )
     chain_options = ChainOptions.make(gamma, len(blocks) - plain, **options)
     for i, block in enumerate(blocks):
         if hasattr(block, "momres_link"):

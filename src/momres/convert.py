@@ -156,6 +156,8 @@ def _is_layer_stack(module: nn.Module) -> bool:
     with submodules, and with parameters of the same names and shapes."""
     if type(module) is not nn.ModuleList or len(module) < 2:
         return False
+    if len({id(block) for block in module}) < len(module):  # a shared layer, not a stack
+        return False
     first = module[0]
     if type(first).__module__.startswith("torch.") or not list(first.children()):
         return False
