@@ -39,6 +39,10 @@ def tiny(name: str) -> torch.nn.Module:
             **decoder, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
         "bert": lambda: t.BertForMaskedLM(t.BertConfig(**encoder)),
         "roberta": lambda: t.RobertaForMaskedLM(t.RobertaConfig(**encoder, pad_token_id=1)),
+        "bart": lambda: t.BartForConditionalGeneration(t.BartConfig(
+            vocab_size=VOCAB, d_model=32, encoder_layers=3, decoder_layers=3,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, max_position_embeddings=64)),
         "vit": lambda: t.ViTForImageClassification(t.ViTConfig(
             hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
             image_size=16, patch_size=4, num_labels=3)),
@@ -46,10 +50,12 @@ def tiny(name: str) -> torch.nn.Module:
     return model.double()
 
 
-ARCHS = ["gpt2", "llama", "mistral", "qwen2", "bert", "roberta", "vit"]
-STACKS = {"gpt2": "transformer.h", "llama": "model.layers", "mistral": "model.layers",
-          "qwen2": "model.layers", "bert": "bert.encoder.layer",
-          "roberta": "roberta.encoder.layer", "vit": "vit.layers"}
+ARCHS = ["gpt2", "llama", "mistral", "qwen2", "bert", "roberta", "bart", "vit"]
+STACKS = {"gpt2": ["transformer.h"], "llama": ["model.layers"], "mistral": ["model.layers"],
+          "qwen2": ["model.layers"], "bert": ["bert.encoder.layer"],
+          "roberta": ["roberta.encoder.layer"],
+          "bart": ["model.encoder.layers", "model.decoder.layers"],  # cross-attention
+          "vit": ["vit.layers"]}
 
 
 def inputs(name: str) -> dict:
@@ -62,6 +68,8 @@ def inputs(name: str) -> dict:
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     kwargs = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    if name == "bart":
+        kwargs["labels"] = ids[:, :6].contiguous()
     if name not in ("bert", "roberta"):
         kwargs["use_cache"] = False
     return kwargs
@@ -79,7 +87,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_stack_found_and_gamma_zero_is_the_original(name):
     model = tiny(name).eval()
     converted = momres.to_momentum(model, 0.0, memory_efficient=False).eval()
-    assert list(momentum_chains(converted)) == [STACKS[name]]
+    assert list(momentum_chains(converted)) == STACKS[name]
     assert [n for n, _ in converted.named_parameters()] == [
         n for n, _ in model.named_parameters()]
     batch = inputs(name)
@@ -129,6 +137,21 @@ def test_hf_checkpointing_leaves_converted_layers_memory_free():
     fast.activation_checkpointing_enable({"use_reentrant": False})
     plain = momres.to_momentum(model, 0.9, memory_efficient=False)
     assert rel(gradients(fast, batch), gradients(plain, batch)) < 1e-8
+
+
+def test_a_loss_on_intermediate_hidden_states_too():
+    """Their gradient joins the chain's at that layer (autograd adds it to dL/dx_n)."""
+    model = tiny("llama").train()
+    batch = inputs("llama")
+
+    def grads(m: torch.nn.Module) -> torch.Tensor:
+        m.zero_grad()
+        out = m(**batch, output_hidden_states=True)
+        (out.loss + out.hidden_states[2].square().mean()).backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    fast = grads(momres.to_momentum(model, 0.9))
+    assert rel(fast, grads(momres.to_momentum(model, 0.9, memory_efficient=False))) < 1e-8
 
 
 def test_state_dicts_round_trip_and_deepcopy():

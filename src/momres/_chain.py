@@ -300,7 +300,8 @@ def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.
             # Computed without grad: a loss on them would get no gradient through them.
             raise RuntimeError(
                 f"momres: layer {n} ({type(block).__name__}) returns tensors besides its "
-                "hidden states (attention weights?); memory-free they would carry no gradient. "
+                "hidden states (attention weights, a position bias); memory-free they would carry "
+                "no gradient. "
                 "Do not ask the layers for them while training (output_attentions=False), or "
                 "convert with memory_efficient=False."
             )
