@@ -154,6 +154,21 @@ def test_a_loss_on_intermediate_hidden_states_too():
     assert rel(fast, grads(momres.to_momentum(model, 0.9, memory_efficient=False))) < 1e-8
 
 
+def test_backward_twice_needs_retain_graph():
+    torch.manual_seed(0)
+    model = Parent("loop").double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    fast = momres.to_momentum(model, 0.9)
+    plain = momres.to_momentum(model, 0.9, memory_efficient=False)
+    loss = fast(x).square().sum()
+    first = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, x)[0]
+    expected = torch.autograd.grad(plain(x).square().sum(), x)[0]
+    assert rel(first, expected) < 1e-10 and torch.equal(first, second)
+    with pytest.raises(RuntimeError, match="a second time"):
+        torch.autograd.grad(loss, x)
+
+
 def test_state_dicts_round_trip_and_deepcopy():
     model = tiny("llama")
     converted = momres.to_momentum(model, 0.9)
