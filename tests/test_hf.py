@@ -267,6 +267,10 @@ class Parent(torch.nn.Module):
                 x = (layer(x) if self.how == "loop" else
                      torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False))
             return x
+        if self.how == "no_grad_midway":
+            y = layers[0](x)
+            with torch.no_grad():
+                return layers[2](layers[1](y))
         if self.how == "twice":  # two passes over the stack: two chains
             for layer in [*layers, *layers]:
                 x = layer(x)
@@ -282,6 +286,7 @@ class Parent(torch.nn.Module):
     ("scale", "not the output of layer 1"), ("skip", "runs its layers in order"),
     ("repeat", "runs its layers in order"), ("inplace", "modified in place"),
     ("intermediate", "must depend on the output of the last layer"),
+    ("no_grad_midway", "keeps one mode"),
 ])
 def test_patterns_the_chain_cannot_follow_are_refused(how, match):
     model = momres.to_momentum(Parent(how), 0.9)

@@ -291,6 +291,12 @@ def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.
             chain.begin(n, x)
         memory_free = chain.state is not None
     else:
+        if chain.state is not None:  # v lives in the memory-free state now
+            raise RuntimeError(
+                f"momres: layer {n} ({type(block).__name__}) runs without grad (or with "
+                "memory_efficient switched off) in a pass whose earlier layers ran memory-free; "
+                "a chain keeps one mode from its first differentiated layer to its end."
+            )
         for value in (*args, *kwargs.values()):
             if _is_cache(value):
                 _refuse_unfilled(chain, value)
