@@ -223,7 +223,9 @@ class LinkFunction(torch.autograd.Function):
         state.rebuild(n - chain.start, g)
         if n == chain.start:
             state.verify()
-            chain.grad_v = None  # v_start came from no graph
+            # The pass is over (v_start came from no graph): free the state now, not when the
+            # last reference to this graph (the loss, the outputs) goes away.
+            chain.grad_v = chain.back = None
         return (None, None, None, a_x, *replay.input_grads())
 
 
