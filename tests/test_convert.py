@@ -215,8 +215,8 @@ def test_named_sequential_and_module_list_stages():
     with torch.no_grad():
         assert rel(same(x), net(x)) < 1e-12
     assert list(same.state_dict()) == list(net.state_dict())
-    # At gamma > 0 the parent's loop runs the ModuleList as one momentum stage: compare with
-    # MomentumNet applied by hand (blocks "0" of each stage kept plain).
+    # At gamma > 0 the parent's loop runs the ModuleList's blocks as links of one momentum
+    # chain: compare with MomentumNet applied by hand (blocks "0" of each stage kept plain).
     fast = to_momentum(net, 0.7, stages=names)
     seq = momres.MomentumNet(list(net.seq)[1:], 0.7, residual=False, memory_efficient=False)
     blocks = momres.MomentumNet(list(net.blocks)[1:], 0.7, residual=False,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 from torchvision.models.vision_transformer import Encoder as VitEncoder
 
+from ._chain import ChainOptions, LinkSpec, convert_stack
 from ._replay import checkpointed
 from .momentum import MomentumNet
 
@@ -92,18 +93,6 @@ class MomentumStage(nn.Sequential):
             self.momentum.functions = nn.ModuleList(blocks)
 
 
-class MomentumStageList(MomentumStage):
-    """A converted ``nn.ModuleList``: its parent's loop runs the whole stage as one step.
-
-    Indexing and ``len`` still see the blocks, but iteration (``for block in self.blocks:
-    x = block(x, ...)``, the usual way a ``ModuleList`` is run) yields the stage itself, once.
-    A parent that calls the blocks by index bypasses the momentum stage.
-    """
-
-    def __iter__(self) -> Iterator[nn.Module]:
-        return iter([self])
-
-
 class MomentumTransformerEncoder(nn.Module):
     """``nn.TransformerEncoder`` with its layers as one momentum stage (same parameter names).
 
@@ -161,12 +150,33 @@ def _resnet_stages(module: nn.Module, keep_first: bool) -> list[tuple[str, int]]
     return found
 
 
+def _is_layer_stack(module: nn.Module) -> bool:
+    """A transformer's layer stack (Hugging Face's ``h``, ``layers``, ``layer``): duck-typed as
+    an ``nn.ModuleList`` of at least two blocks of one class defined outside ``torch.nn``, each
+    with submodules, and with parameters of the same names and shapes."""
+    if type(module) is not nn.ModuleList or len(module) < 2:
+        return False
+    if len({id(block) for block in module}) < len(module):  # a shared layer, not a stack
+        return False
+    first = module[0]
+    if type(first).__module__.startswith("torch.") or not list(first.children()):
+        return False
+    shapes = [(name, p.shape) for name, p in first.named_parameters()]
+    return bool(shapes) and all(
+        type(block) is type(first)
+        and [(name, p.shape) for name, p in block.named_parameters()] == shapes
+        for block in module
+    )
+
+
 def _stages_of(module: nn.Module, keep_first: bool) -> list[tuple[str, int]]:
     """Stages of ``module`` as ``(path relative to module, number of plain blocks)``."""
     if isinstance(module, nn.TransformerEncoder):
         return [("", 0)]
     if isinstance(module, VitEncoder):
         return [("layers", 0)]
+    if _is_layer_stack(module):
+        return [("", 0)]
     return _resnet_stages(module, keep_first)
 
 
@@ -194,14 +204,19 @@ def _candidates(model: nn.Module) -> str:
 
 
 def _convert(module: nn.Module, path: str, gamma: float, plain: int, options: dict) -> nn.Module:
-    if isinstance(module, MomentumStage | MomentumTransformerEncoder):
+    if isinstance(module, MomentumStage | MomentumTransformerEncoder) or (
+        isinstance(module, nn.ModuleList) and any(hasattr(b, "momres_link") for b in module)
+    ):
         raise ValueError(f"momres: stage {path!r} is already a momentum stage.")
     if isinstance(module, nn.TransformerEncoder):
         return MomentumTransformerEncoder(module, gamma, plain=plain, **options)
     if isinstance(module, nn.Sequential):
         return MomentumStage(module._modules, gamma, plain=plain, **options)
     if isinstance(module, nn.ModuleList):
-        return MomentumStageList(module._modules, gamma, plain=plain, **options)
+        # The parent runs the blocks (loops, slices, per-layer arguments): each block becomes
+        # a link of a chain, in place (``_chain``).
+        convert_stack(module, gamma, plain, **options)
+        return module
     raise TypeError(
         f"momres: stage {path!r} is a {type(module).__name__}; a stage must be an "
         "nn.Sequential, an nn.ModuleList or an nn.TransformerEncoder."
@@ -222,10 +237,13 @@ def to_momentum(
 
     Stages are found automatically in torchvision ``ResNet``s (also ResNeXt, Wide-ResNet),
     timm ResNets and momres' CIFAR ResNets (``layer1``, ``layer2``, ...), torchvision
-    ``VisionTransformer``s (``encoder.layers``) and ``nn.TransformerEncoder``s, wherever they
-    sit in ``model``.  ``stages=["path.to.stage", ...]`` names them instead: each an
-    ``nn.Sequential`` or ``nn.ModuleList`` of blocks that keep the shape of ``x`` (or an
-    ``nn.TransformerEncoder``).
+    ``VisionTransformer``s (``encoder.layers``), ``nn.TransformerEncoder``s and the layer stacks
+    of transformers (an ``nn.ModuleList`` of identical layers: Hugging Face's GPT-2, BERT,
+    Llama, ViT, ...), wherever they sit in ``model``.  An ``nn.ModuleList`` stage is run by its
+    parent, one block at a time (``momres._chain``): the parent may loop over it, slice it and
+    pass each block arguments of its own.  ``stages=["path.to.stage", ...]`` names them
+    instead: each an ``nn.Sequential`` or ``nn.ModuleList`` of blocks that keep the shape of
+    ``x`` (or an ``nn.TransformerEncoder``).
 
     Every block is used as a whole block with its own skip connection (``f(x) = block(x) -
     x``): at ``gamma = 0`` (with ``memory_efficient=False``) the converted model computes the
@@ -280,6 +298,17 @@ def to_momentum(
             return converted
         model.set_submodule(path, converted)
     return model
+
+
+def momentum_chains(model: nn.Module) -> dict[str, ChainOptions]:
+    """The converted ``nn.ModuleList`` stages of a model, by dotted path: the options their
+    blocks share (``gamma``, ``memory_efficient``, ``exact``, switchable in place)."""
+    found = {}
+    for path, m in model.named_modules():
+        spec = getattr(m, "momres_link", None)
+        if isinstance(spec, LinkSpec):
+            found.setdefault(path.rpartition(".")[0], spec.options)
+    return found
 
 
 def momentum_stages(model: nn.Module) -> dict[str, MomentumStage]:

@@ -7,7 +7,7 @@ import importlib
 from pathlib import Path
 
 #: experiment name -> module under ``momres.cli.experiments``
-EXPERIMENTS = ("dynamics1d", "rings", "linear", "l2o", "memory", "finetune")
+EXPERIMENTS = ("dynamics1d", "rings", "linear", "l2o", "memory", "finetune", "lm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
