@@ -22,6 +22,7 @@ derived from a parameter in an earlier call, is refused instead of silently losi
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class Stage:
     arg_spec: pytree.TreeSpec
     arg_leaves: list[Any]  # flattened (args, kwargs); tensors replaced at call time
     audit: list[bool]  # per block: not yet audited (forward and recompute graphs compared)
+    sharded: list[bool]  # per block: managed by FSDP2 (its parameters are not inputs)
 
     @property
     def n_params(self) -> int:
@@ -112,9 +114,12 @@ def build_stage(
     params: list[torch.Tensor] = []
     index: dict[int, int] = {}
     block_params, block_names, block_frozen, versions = [], [], [], []
-    for f in functions:
+    sharded = [_fsdp_managed(n, f) for n, f in enumerate(functions)]
+    for f, fsdp in zip(functions, sharded, strict=True):
         mine, names, frozen = [], [], {}
-        for name, p in f.named_parameters():
+        # FSDP2 swaps its blocks' parameters between passes and reduces their gradients
+        # itself: they are not inputs of the Function (``Replayer._pull_sharded``).
+        for name, p in ([] if fsdp else f.named_parameters()):
             versions.append((p, p._version))
             if not p.requires_grad:
                 frozen[name] = p
@@ -129,9 +134,9 @@ def build_stage(
         block_frozen.append(frozen)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    audit = [f not in _AUDITED for f in functions]
+    audit = [not fsdp and f not in _AUDITED for f, fsdp in zip(functions, sharded, strict=True)]
     stage = Stage(functions, residual, params, block_params, block_names, block_frozen,
-                  versions, spec, leaves, audit)
+                  versions, spec, leaves, audit, sharded)
     return stage, params, tensors
 
 
@@ -259,6 +264,8 @@ class Replayer:
         and of the tensor arguments.
         """
         x = x.detach().requires_grad_()
+        if self.stage.sharded[n]:
+            return self._pull_sharded(n, x, cotangent, scale)
         f, indices = self.stage.functions[n], self.stage.block_params[n]
         # Frozen parameters too: torch.func.functional_call may have swapped them as well.
         params = {**self.stage.block_frozen[n],
@@ -277,6 +284,34 @@ class Replayer:
         _accumulate(self.param_grads, mine, grads[1 : 1 + len(mine)], scale)
         _accumulate(self.arg_grads, range(len(self.grad_args)), grads[1 + len(mine) :], scale)
         return g.detach(), grads[0]
+
+    def _pull_sharded(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``pull`` for a block sharded by FSDP2 (``fully_shard(block)``).
+
+        The block is called as such: its hooks all-gather its parameters, as they do for an
+        activation-checkpointing recompute, and reduce-scatter the gradients that the backward
+        below accumulates in the gathered parameters (scaled there by a hook of ours).
+        """
+        f = self.stage.functions[n]
+        with torch.enable_grad(), self.autocast.replay(), restored_rng(
+            self.rng.get(n), self.device
+        ), frozen_batchnorm(f):
+            y = block_output(n, f, x, self.args, self.kwargs)
+            g = y if self.stage.residual else y - x
+        params = [p for p in f.parameters() if p.requires_grad]  # gathered, while backward runs
+        hooks = [p.register_hook(lambda grad: grad * scale) for p in params if scale != 1]
+        try:
+            torch.autograd.backward(g, cotangent, inputs=[x, *params, *self.grad_args])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        grads = [t.grad for t in self.grad_args]
+        for t in self.grad_args:
+            t.grad = None
+        _accumulate(self.arg_grads, range(len(grads)), grads, scale)
+        _restart_fsdp_cycle(f)
+        return g.detach(), x.grad
 
     def _audit(self, n: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Refuse a recompute whose graph does not reach what the forward pass's did."""
@@ -346,6 +381,26 @@ def _dropped(_: None) -> torch.Tensor:
                        "pass was differentiated; the block kept a tensor from that pass.")
 
 
+def _fsdp_managed(n: int, f: nn.Module) -> bool:
+    """Whether ``f`` is sharded by FSDP2 as a whole; refuses parameters sharded otherwise
+    (FSDP2 on a part of a block, tensor parallelism), whose gradients would be lost."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever sharded a block
+    if fsdp is None:
+        return False
+    if isinstance(f, fsdp.FSDPModule):
+        return True
+    dtensor = sys.modules["torch.distributed.tensor"].DTensor
+    for name, p in f.named_parameters():
+        if isinstance(p, dtensor):
+            raise ValueError(
+                f"momres: parameter {name!r} of block {n} ({type(f).__name__}) is a sharded "
+                "DTensor, but the block itself is not an FSDP2 module; the memory-free "
+                "backward supports FSDP2 on whole blocks only. Shard each block of the stage "
+                "(fully_shard(block)) and then the model, or shard only the model."
+            )
+    return False
+
+
 def _modified_input(n: int, f: nn.Module) -> RuntimeError:
     return RuntimeError(
         f"momres: block {n} ({type(f).__name__}) modified its input in place; the memory-free "
@@ -368,3 +423,20 @@ def _accumulate(total: list, indices, grads, scale: float) -> None:
     for j, grad in zip(indices, grads, strict=True):
         if grad is not None:
             total[j] = grad * scale if total[j] is None else total[j].add_(grad, alpha=scale)
+
+
+def _restart_fsdp_cycle(f: nn.Module) -> None:
+    """Leave FSDP2's state of ``f`` idle after its recompute, so that the next call of the same
+    block (shared across depths, or in a later stage) runs a whole cycle again: all-gather,
+    then reduce-scatter of its gradients.  Left in its backward state, FSDP would take that
+    call for an activation-checkpointing recompute whose gradients it never reduces."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+        f._get_fsdp_state()._training_state = TrainingState.IDLE
+    except (ImportError, AttributeError) as error:  # FSDP2's internals moved
+        raise RuntimeError(
+            f"momres: this PyTorch ({torch.__version__}) changed the FSDP2 internals that the "
+            f"memory-free backward of a sharded block relies on ({error}); its gradients "
+            "cannot be guaranteed. Shard only the model (fully_shard(model)), not its blocks."
+        ) from None
