@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import momres
-from momres.convert import momentum_stages
+from momres.training import shard
 
 
 def model() -> nn.Module:
@@ -61,13 +61,6 @@ def fsdp_batch(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def blocks(net: nn.Module) -> list[nn.Module]:
-    """The distinct blocks of the model's memory-free stages."""
-    nets = [m for m in net.modules() if isinstance(m, momres.MomentumNet)]
-    nets += [stage.momentum for stage in momentum_stages(net).values()]
-    return list(dict.fromkeys(f for m in nets for f in m.functions))
-
-
 def one_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     nn.functional.cross_entropy(net(x), y).backward()
@@ -92,12 +85,10 @@ def fsdp_step(rank: int, kind: str, exact: bool) -> list[tuple[torch.Tensor, tor
     """(gradient, value after one step) of each parameter, every block and the root sharded
     by FSDP2, half a batch each."""
     net = fsdp_model(kind, exact)
-    for block in blocks(net):
-        fully_shard(block)
-    fully_shard(net)
+    shard(net)
     x, y = fsdp_batch(kind)
-    shard = slice(rank * 4, rank * 4 + 4)
-    one_step(net, x[shard], y[shard])
+    half = slice(rank * 4, rank * 4 + 4)
+    one_step(net, x[half], y[half])
     return [(full(p.grad), full(p.detach())) for p in net.parameters()]
 
 

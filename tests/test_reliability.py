@@ -2,6 +2,7 @@
 (issue 14). Each compares the memory-free path with plain autograd over the same blocks."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -238,3 +239,19 @@ def test_a_block_that_changes_its_graph_after_its_first_backward_is_not_detected
     x.grad = None
     momres.MomentumNet([block], 0.9, memory_efficient=False)(x).sum().backward()
     assert relative_error([silent], [x.grad]) > 0.01
+
+
+def test_export_and_trace_of_a_converted_model_in_eval_give_the_eager_outputs():
+    torch.manual_seed(0)
+    resnet = momres.models.create_model("resnet20", num_classes=3, in_channels=1)
+    converted = momres.to_momentum(resnet, 0.9).eval()
+    x, other = torch.randn(2, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        exported = torch.export.export(converted, (x,)).module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks, constant
+            traced = torch.jit.trace(converted, x)
+        for inputs in (x, other):
+            eager = converted(inputs)
+            assert torch.equal(traced(inputs), eager)
+        assert torch.equal(exported(x), converted(x))
