@@ -13,7 +13,7 @@ from torchvision.models.resnet import BasicBlock
 import momres
 from momres.convert import momentum_stages
 
-from helpers import gradients, relative_error
+from helpers import DetachesOnItsSecondCall, gradients, relative_error
 
 
 def linears(n: int = 3, width: int = 4) -> list[nn.Module]:
@@ -130,18 +130,6 @@ def test_transformer_encoder_layers_named_as_a_stage_run_in_eval_without_grad():
     fast = momres.to_momentum(model, 0.9, stages=["encoder.layers"]).train()
     slow = momres.to_momentum(model, 0.9, stages=["encoder.layers"], memory_efficient=False)
     assert relative_error(gradients(fast, src, tgt), gradients(slow.train(), src, tgt)) < 1e-4
-
-
-class DetachesOnItsSecondCall(nn.Linear):
-    """The same values in every call, but the second (the recompute) cuts the graph to x."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__(width, width)
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return torch.tanh(super().forward(x.detach() if self.calls == 2 else x))
 
 
 class CachesItsWeight(nn.Linear):

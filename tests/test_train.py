@@ -234,6 +234,8 @@ def test_clear_errors(tmp_path, capsys):
     assert rc == 2 and "missing.pth: no such file" in err
     rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--amp", "float16", *out)
     assert rc == 2 and "float16 needs CUDA" in err
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--fsdp", *out)
+    assert rc == 2 and "--fsdp shards the model across the processes of a torchrun" in err
     with pytest.raises(SystemExit):  # argparse: invalid choice
         cli.main(["train", "--dataset", "mnist", *out])
     with pytest.raises(ValueError, match="unknown data set 'mnist'"):
