@@ -114,12 +114,16 @@ def build_stage(
     params: list[torch.Tensor] = []
     index: dict[int, int] = {}
     block_params, block_names, block_frozen, versions = [], [], [], []
-    sharded = [_fsdp_managed(n, f) for n, f in enumerate(functions)]
-    for f, fsdp in zip(functions, sharded, strict=True):
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever sharded a block
+    sharded = [fsdp is not None and isinstance(f, fsdp.FSDPModule) for f in functions]
+    dtensor = fsdp and sys.modules["torch.distributed.tensor"].DTensor
+    for n, f in enumerate(functions):
         mine, names, frozen = [], [], {}
         # FSDP2 swaps its blocks' parameters between passes and reduces their gradients
         # itself: they are not inputs of the Function (``Replayer._pull_sharded``).
-        for name, p in ([] if fsdp else f.named_parameters()):
+        for name, p in ([] if sharded[n] else f.named_parameters()):
+            if dtensor and isinstance(p, dtensor):
+                raise _partly_sharded(n, f, name)
             versions.append((p, p._version))
             if not p.requires_grad:
                 frozen[name] = p
@@ -381,24 +385,15 @@ def _dropped(_: None) -> torch.Tensor:
                        "pass was differentiated; the block kept a tensor from that pass.")
 
 
-def _fsdp_managed(n: int, f: nn.Module) -> bool:
-    """Whether ``f`` is sharded by FSDP2 as a whole; refuses parameters sharded otherwise
-    (FSDP2 on a part of a block, tensor parallelism), whose gradients would be lost."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever sharded a block
-    if fsdp is None:
-        return False
-    if isinstance(f, fsdp.FSDPModule):
-        return True
-    dtensor = sys.modules["torch.distributed.tensor"].DTensor
-    for name, p in f.named_parameters():
-        if isinstance(p, dtensor):
-            raise ValueError(
-                f"momres: parameter {name!r} of block {n} ({type(f).__name__}) is a sharded "
-                "DTensor, but the block itself is not an FSDP2 module; the memory-free "
-                "backward supports FSDP2 on whole blocks only. Shard each block of the stage "
-                "(fully_shard(block)) and then the model, or shard only the model."
-            )
-    return False
+def _partly_sharded(n: int, f: nn.Module, name: str) -> ValueError:
+    """The error for a sharded parameter (FSDP2 on a part of a block, tensor parallelism) in a
+    block that FSDP2 does not manage as a whole: its gradient would be lost."""
+    return ValueError(
+        f"momres: parameter {name!r} of block {n} ({type(f).__name__}) is a sharded DTensor, "
+        "but the block itself is not an FSDP2 module; the memory-free backward supports FSDP2 "
+        "on whole blocks only. Shard each block of the stage (fully_shard(block)) and then the "
+        "model, or shard only the model."
+    )
 
 
 def _modified_input(n: int, f: nn.Module) -> RuntimeError:
