@@ -184,8 +184,9 @@ class Recorder:
         args, kwargs = stage.arguments(tuple(
             _leaf(t, ("argument", k), keys) if t.requires_grad else t
             for k, t in enumerate(self.arg_tensors)))
-        # The graph is walked, never run: it saves nothing (and ``activation_memory`` sees none).
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
+        # A saved-tensor hook of its own, doing nothing, hides this short-lived graph from an
+        # outer one (``activation_memory`` counts what the forward pass keeps for backward).
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
             try:
                 y = block_output(n, f, x_leaf, args, kwargs, params)
             except RuntimeError as error:
@@ -376,13 +377,8 @@ def _leaf(t: torch.Tensor, key: Key, keys: dict[int, Key]) -> torch.Tensor:
     return leaf
 
 
-def _drop(t: torch.Tensor) -> None:
-    """Saved-tensor hook of audited forward passes: their graphs are walked, never run."""
-
-
-def _dropped(_: None) -> torch.Tensor:
-    raise RuntimeError("momres: a graph built by the audit of a memory-free block's forward "
-                       "pass was differentiated; the block kept a tensor from that pass.")
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _partly_sharded(n: int, f: nn.Module, name: str) -> ValueError:
