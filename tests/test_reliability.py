@@ -211,6 +211,25 @@ def test_blocks_that_stop_gradients_consistently_pass_the_audit(residual):
     assert blocks[3].unused.grad is None  # as in plain autograd: never differentiated
 
 
+class Force(nn.Linear):
+    """``-dE/dx`` of an energy ``E(x) = sum tanh(W x + b)``: autograd inside the forward."""
+
+    def forward(self, x):
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.detach().requires_grad_()
+            energy = torch.tanh(super().forward(x)).sum()
+            return -torch.autograd.grad(energy, x, create_graph=True)[0]
+
+
+def test_a_block_that_differentiates_inside_its_forward_passes_the_audit():
+    torch.manual_seed(0)
+    blocks = [Force(4, 4).double() for _ in range(3)]
+    x = torch.randn(5, 4, dtype=torch.float64)
+    fast = gradients(momres.MomentumNet(blocks, 0.9), x)
+    slow = gradients(momres.MomentumNet(blocks, 0.9, memory_efficient=False), x)
+    assert relative_error(fast, slow) <= 1e-9
+
+
 def test_a_block_that_changes_its_graph_after_its_first_backward_is_not_detected():
     """Documents the audit's limit: it compares the graphs until each block has passed one
     backward, then trusts it; later changes go unseen (README, "not detected")."""

@@ -184,9 +184,9 @@ class Recorder:
         args, kwargs = stage.arguments(tuple(
             _leaf(t, ("argument", k), keys) if t.requires_grad else t
             for k, t in enumerate(self.arg_tensors)))
-        # A saved-tensor hook of its own, doing nothing, hides this short-lived graph from an
+        # A saved-tensor hook of its own hides this short-lived graph from an
         # outer one (``activation_memory`` counts what the forward pass keeps for backward).
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_alias, _alias):
             try:
                 y = block_output(n, f, x_leaf, args, kwargs, params)
             except RuntimeError as error:
@@ -377,8 +377,11 @@ def _leaf(t: torch.Tensor, key: Key, keys: dict[int, Key]) -> torch.Tensor:
     return leaf
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A saved tensor's data without its autograd identity: returning ``t`` itself would tie
+    a node to an output it saved in a reference cycle that keeps the graph alive; autograd
+    gives the unpacked tensor its identity back."""
+    return t.detach()
 
 
 def _partly_sharded(n: int, f: nn.Module, name: str) -> ValueError:
