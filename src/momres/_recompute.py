@@ -138,7 +138,7 @@ def build_stage(
         block_frozen.append(frozen)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    audit = [not fsdp and f not in _AUDITED for f, fsdp in zip(functions, sharded, strict=True)]
+    audit = [not whole and f not in _AUDITED for f, whole in zip(functions, sharded, strict=True)]
     stage = Stage(functions, residual, params, block_params, block_names, block_frozen,
                   versions, spec, leaves, audit, sharded)
     return stage, params, tensors
@@ -329,10 +329,14 @@ class Replayer:
         found, foreign = reach(y, keys)
         lost, gained = self.reads[n] - found, found - self.reads[n]
         if lost or gained or foreign:
-            differences = [f"the forward pass differentiates {self.stage.describe(n, keys)} and "
-                           "the recompute does not" for keys in [lost] if keys]
-            differences += [f"the recompute differentiates {self.stage.describe(n, keys)} and "
-                            "the forward pass does not" for keys in [gained] if keys]
+            differences = []
+            if lost:
+                differences.append(f"the forward pass differentiates "
+                                   f"{self.stage.describe(n, lost)} and the recompute does not")
+            if gained:
+                differences.append(f"the recompute differentiates "
+                                   f"{self.stage.describe(n, gained)} and the forward pass does "
+                                   "not")
             if foreign:
                 differences.append("the recompute reaches a tensor that requires grad from "
                                    "outside the block (kept from an earlier call?)")
