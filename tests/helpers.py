@@ -1,10 +1,12 @@
-"""Helpers shared by the tests: one fixed loss, its gradients, and how far two sets differ."""
+"""Helpers shared by the tests: one fixed loss, its gradients, how far two sets differ, and a
+block whose recompute differentiates another graph."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
 
 def fixed_loss(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -37,3 +39,15 @@ def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """``|a - b| / |b|`` over all the tensors of each list together."""
     a, b = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
     return ((a - b).norm() / b.norm()).item()
+
+
+class DetachesOnItsSecondCall(nn.Linear):
+    """The same values in every call, but the second (the recompute) cuts the graph to x."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width, width)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.tanh(super().forward(x.detach() if self.calls == 2 else x))

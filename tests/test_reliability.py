@@ -2,6 +2,7 @@
 (issue 14). Each compares the memory-free path with plain autograd over the same blocks."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torchvision.models.resnet import BasicBlock
 import momres
 from momres.convert import momentum_stages
 
-from helpers import gradients, relative_error
+from helpers import DetachesOnItsSecondCall, gradients, relative_error
 
 
 def linears(n: int = 3, width: int = 4) -> list[nn.Module]:
@@ -129,3 +130,135 @@ def test_transformer_encoder_layers_named_as_a_stage_run_in_eval_without_grad():
     fast = momres.to_momentum(model, 0.9, stages=["encoder.layers"]).train()
     slow = momres.to_momentum(model, 0.9, stages=["encoder.layers"], memory_efficient=False)
     assert relative_error(gradients(fast, src, tgt), gradients(slow.train(), src, tgt)) < 1e-4
+
+
+class CachesItsWeight(nn.Linear):
+    """Derives a tensor from its weight on the first call and reuses it afterwards."""
+
+    cache = None
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width, width)
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = 2 * self.weight
+        return torch.tanh(nn.functional.linear(x, self.cache, self.bias))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("block, lost", [(DetachesOnItsSecondCall, "its input x"),
+                                         (CachesItsWeight, "parameter 'weight'")])
+def test_a_recompute_through_another_graph_is_refused(block, lost, exact):
+    torch.manual_seed(0)
+    net = momres.MomentumNet([block(4).double() for _ in range(3)], 0.9, exact=exact)
+    out = net(torch.randn(5, 4, dtype=torch.float64, requires_grad=True))
+    with pytest.raises(RuntimeError, match=rf"block 2 \({block.__name__}\) builds another graph"
+                                           rf".*forward pass differentiates {lost} and the "
+                                           "recompute does not"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("stage", ["momentum", "reversible"])
+def test_a_tensor_requiring_grad_outside_parameters_and_arguments_is_refused(stage):
+    hidden = torch.ones(4, dtype=torch.float64, requires_grad=True)
+
+    class Closure(nn.Linear):
+        def forward(self, x):
+            return torch.tanh(super().forward(x) * hidden)
+
+    blocks = [Closure(4, 4).double() for _ in range(2)]
+    net = (momres.MomentumNet(blocks, 0.9) if stage == "momentum"
+           else momres.ReversibleStage(blocks[:1], blocks[1:]))
+    x = torch.randn(5, 8 if stage == "reversible" else 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"block 0 \(Closure\) uses a tensor that requires "
+                                           r"grad .*shape \(4,\)"):
+        net(x[:, :4] if stage == "momentum" else x)
+
+
+class StopsGradients(nn.Module):
+    """Legitimate blocks whose graph reaches fewer tensors than they read: a detached weight,
+    a weight used for its shape, an unused parameter, a detached input (in every call)."""
+
+    def __init__(self, width: int, mode: str) -> None:
+        super().__init__()
+        self.lin, self.mode = nn.Linear(width, width), mode
+        self.unused = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        if self.mode == "weight":
+            return torch.tanh(x @ self.lin.weight.detach().T + self.lin.bias)
+        if self.mode == "input":
+            return torch.tanh(self.lin(x.detach()))
+        if self.mode == "identity":
+            return x
+        return torch.tanh(self.lin(x)) * self.unused.new_ones(self.unused.shape).sum()
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_blocks_that_stop_gradients_consistently_pass_the_audit(residual):
+    torch.manual_seed(0)
+    blocks = [StopsGradients(4, mode).double()
+              for mode in ("weight", "input", "identity", "unused", "weight")]
+    x = torch.randn(5, 4, dtype=torch.float64)
+    grads = []
+    for memory_efficient in (True, False):
+        net = momres.MomentumNet(blocks, 0.9, residual=residual, memory_efficient=memory_efficient)
+        grads.append(gradients(net, x))
+    assert relative_error(*grads) <= 1e-9
+    fast = momres.MomentumNet(blocks, 0.9, residual=residual)
+    fast(x.requires_grad_()).sum().backward()
+    assert blocks[3].unused.grad is None  # as in plain autograd: never differentiated
+
+
+class Force(nn.Linear):
+    """``-dE/dx`` of an energy ``E(x) = sum tanh(W x + b)``: autograd inside the forward."""
+
+    def forward(self, x):
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.detach().requires_grad_()
+            energy = torch.tanh(super().forward(x)).sum()
+            return -torch.autograd.grad(energy, x, create_graph=True)[0]
+
+
+def test_a_block_that_differentiates_inside_its_forward_passes_the_audit():
+    torch.manual_seed(0)
+    blocks = [Force(4, 4).double() for _ in range(3)]
+    x = torch.randn(5, 4, dtype=torch.float64)
+    fast = gradients(momres.MomentumNet(blocks, 0.9), x)
+    slow = gradients(momres.MomentumNet(blocks, 0.9, memory_efficient=False), x)
+    assert relative_error(fast, slow) <= 1e-9
+
+
+def test_a_block_that_changes_its_graph_after_its_first_backward_is_not_detected():
+    """Documents the audit's limit: it compares the graphs until each block has passed one
+    backward, then trusts it; later changes go unseen (README, "not detected")."""
+    torch.manual_seed(0)
+    block = DetachesOnItsSecondCall(4).double()
+    block.calls = 2  # the detached call comes after the audit
+    net = momres.MomentumNet([block], 0.9)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    net(x).sum().backward()  # audited: forward (3rd call) and recompute (4th) agree
+    block.calls = 0  # the next forward is call 1, its recompute call 2: detached
+    x.grad = None
+    net(x).sum().backward()
+    silent = x.grad.clone()
+    x.grad = None
+    momres.MomentumNet([block], 0.9, memory_efficient=False)(x).sum().backward()
+    assert relative_error([silent], [x.grad]) > 0.01
+
+
+def test_export_and_trace_of_a_converted_model_in_eval_give_the_eager_outputs():
+    torch.manual_seed(0)
+    resnet = momres.models.create_model("resnet20", num_classes=3, in_channels=1)
+    converted = momres.to_momentum(resnet, 0.9).eval()
+    x, other = torch.randn(2, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        exported = torch.export.export(converted, (x,)).module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks, constant
+            traced = torch.jit.trace(converted, x)
+        for inputs in (x, other):
+            eager = converted(inputs)
+            assert torch.equal(traced(inputs), eager)
+        assert torch.equal(exported(x), converted(x))

@@ -173,6 +173,37 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert result.stdout.count('"model": "mresnet20"') == 1  # rank 0 alone reports
 
 
+def torchrun(out, *options: str) -> subprocess.CompletedProcess:
+    """``momres train`` under torchrun, 2 CPU processes, 2 steps per epoch each, a constant
+    learning rate (a 1-epoch run then follows the same schedule as the first epoch of 2)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "momres", "train", "--dataset", "synthetic", "--model", "mresnet20",
+         "--batch-size", "16", "--train-subset", "64", "--lr-decay", "1", "--device", "cpu",
+         "--no-progress",
+         "--out", str(out), *options],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_resumed_equals_ddp(tmp_path):
+    """--fsdp (each momentum block and the model sharded) trains as DDP does, and its
+    checkpoints (whole tensors, from rank 0) resume: 1 epoch + 1 resumed = 2 epochs of DDP."""
+    for options in (["--epochs", "1", "--fsdp"], ["--epochs", "2", "--fsdp", "--resume"]):
+        result = torchrun(tmp_path / "fsdp", *options)
+        assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(tmp_path / "ddp", "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "fsdp")] == [1, 2]
+    fsdp, ddp = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"]
+                 for run in ("fsdp", "ddp"))
+    assert fsdp.keys() == ddp.keys()
+    for name, value in ddp.items():
+        assert type(fsdp[name]) is torch.Tensor  # whole, not a shard
+        assert torch.allclose(fsdp[name], value, rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.slow
 def test_short_digits_run_reaches_90_percent(tmp_path):
     summary = Trainer(Config(out=tmp_path / "digits", dataset="digits", model="mresnet20",
@@ -203,6 +234,8 @@ def test_clear_errors(tmp_path, capsys):
     assert rc == 2 and "missing.pth: no such file" in err
     rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--amp", "float16", *out)
     assert rc == 2 and "float16 needs CUDA" in err
+    rc, err = train(tmp_path, capsys, "--dataset", "synthetic", "--fsdp", *out)
+    assert rc == 2 and "--fsdp shards the model across the processes of a torchrun" in err
     with pytest.raises(SystemExit):  # argparse: invalid choice
         cli.main(["train", "--dataset", "mnist", *out])
     with pytest.raises(ValueError, match="unknown data set 'mnist'"):

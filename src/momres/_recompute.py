@@ -11,10 +11,19 @@ everything else is here.
 Parameters (and tensors among the blocks' extra arguments) enter the Function as explicit
 inputs, so their gradients leave it like any other gradient: DistributedDataParallel's hooks,
 gradient accumulation and weights shared between blocks keep working.
+
+The recompute must differentiate the function the forward pass computed, not merely give its
+values.  Until a block has passed one backward, its memory-free forward is audited: it runs with
+grad on leaves of its own, and the tensors its output reaches through the graph (its input, its
+parameters, the tensor arguments) are compared with those the recompute's graph reaches
+(``reach``).  A block that detaches its input in one call only, or that reuses a tensor it
+derived from a parameter in an earlier call, is refused instead of silently losing gradients.
 """
 
 from __future__ import annotations
 
+import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +34,14 @@ from torch.utils import _pytree as pytree
 
 from ._replay import AutocastState, RngState, frozen_batchnorm, mha_fast_path_off, restored_rng
 
+#: What a block's graph may reach: its input ``"x"``, ``("parameter", j)`` (index in
+#: ``Stage.params``) or ``("argument", k)`` (index among the stage's tensor arguments).
+Key = str | tuple[str, int]
+
+#: Blocks whose recompute was found to differentiate what their forward pass did: not audited
+#: again (``Stage.audit``).
+_AUDITED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
 
 def evaluate(
     n: int, f: Callable, x: torch.Tensor, args: tuple, kwargs: dict, residual: bool,
@@ -32,6 +49,15 @@ def evaluate(
 ) -> torch.Tensor:
     """The residual branch ``g = f_n(x)`` (``f_n(x) - x`` for blocks with their own skip);
     with ``params``, ``f`` runs with those tensors in place of its parameters."""
+    y = block_output(n, f, x, args, kwargs, params)
+    return y if residual else y - x
+
+
+def block_output(
+    n: int, f: Callable, x: torch.Tensor, args: tuple, kwargs: dict,
+    params: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``f_n(x)`` itself, checked to keep the shape of ``x``."""
     if params is None:
         y = f(x, *args, **kwargs)
     else:
@@ -43,7 +69,7 @@ def evaluate(
             f"{got}; every block of a memory-free stage must keep the shape of its input. Keep "
             "shape-changing layers (strided or channel-changing blocks) outside the stage."
         )
-    return y if residual else y - x
+    return y
 
 
 @dataclass
@@ -59,6 +85,8 @@ class Stage:
     versions: list[tuple[torch.Tensor, int]]  # every parameter (frozen too), its version then
     arg_spec: pytree.TreeSpec
     arg_leaves: list[Any]  # flattened (args, kwargs); tensors replaced at call time
+    audit: list[bool]  # per block: not yet audited (forward and recompute graphs compared)
+    sharded: list[bool]  # per block: managed by FSDP2 (its parameters are not inputs)
 
     @property
     def n_params(self) -> int:
@@ -70,6 +98,14 @@ class Stage:
         leaves = [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in self.arg_leaves]
         return pytree.tree_unflatten(leaves, self.arg_spec)
 
+    def describe(self, n: int, keys: set[Key]) -> str:
+        """``keys`` of block ``n`` in words: its input, parameter names, argument positions."""
+        names = dict(zip(self.block_params[n], self.block_names[n], strict=True))
+        words = ["its input x" if key == "x" else
+                 f"parameter {names[key[1]]!r}" if key[0] == "parameter" else
+                 f"tensor argument {key[1]}" for key in sorted(keys, key=str)]
+        return ", ".join(words)
+
 
 def build_stage(
     functions: list[nn.Module], residual: bool, args: tuple, kwargs: dict
@@ -78,9 +114,16 @@ def build_stage(
     params: list[torch.Tensor] = []
     index: dict[int, int] = {}
     block_params, block_names, block_frozen, versions = [], [], [], []
-    for f in functions:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever sharded a block
+    sharded = [fsdp is not None and isinstance(f, fsdp.FSDPModule) for f in functions]
+    dtensor = fsdp and sys.modules["torch.distributed.tensor"].DTensor
+    for n, f in enumerate(functions):
         mine, names, frozen = [], [], {}
-        for name, p in f.named_parameters():
+        # FSDP2 swaps its blocks' parameters between passes and reduces their gradients
+        # itself: they are not inputs of the Function (``Replayer._pull_sharded``).
+        for name, p in ([] if sharded[n] else f.named_parameters()):
+            if dtensor and isinstance(p, dtensor):
+                raise _partly_sharded(n, f, name)
             versions.append((p, p._version))
             if not p.requires_grad:
                 frozen[name] = p
@@ -95,8 +138,9 @@ def build_stage(
         block_frozen.append(frozen)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    audit = [not whole and f not in _AUDITED for f, whole in zip(functions, sharded, strict=True)]
     stage = Stage(functions, residual, params, block_params, block_names, block_frozen,
-                  versions, spec, leaves)
+                  versions, spec, leaves, audit, sharded)
     return stage, params, tensors
 
 
@@ -109,6 +153,7 @@ class Recorder:
         self.stage, self.device, self.arg_tensors = stage, device, arg_tensors
         self.args, self.kwargs = stage.arguments(arg_tensors)
         self.rng: dict[int, RngState] = {}
+        self.reads: dict[int, set[Key]] = {}  # audited blocks: what their graph reaches
         ctx.stage, ctx.device, ctx.autocast = stage, device, AutocastState.capture(device)
 
     def __call__(self, n: int, x: torch.Tensor) -> torch.Tensor:
@@ -117,19 +162,52 @@ class Recorder:
         # Without grad, attention would take fused kernels that the recompute (with grad)
         # cannot: both passes must compute the same numbers.
         with mha_fast_path_off():
-            g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual)
+            if self.stage.audit[n]:
+                g = self._audited(n, f, x)
+            else:
+                g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual)
         if x._version != version:
-            raise RuntimeError(
-                f"momres: block {n} ({type(f).__name__}) modified its input in place; the "
-                "memory-free backward needs it intact. Use inplace=False for its first op."
-            )
+            raise _modified_input(n, f)
         if before.differs_from(RngState.capture(self.device)):
             self.rng[n] = before
         return g
 
+    def _audited(self, n: int, f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``evaluate``, with grad on leaves of its own, recording in ``reads`` which of them
+        the block's output reaches; refuses tensors requiring grad that it reaches besides."""
+        stage = self.stage
+        keys: dict[int, Key] = {}
+        x_leaf = _leaf(x, "x", keys)
+        params = {**stage.block_frozen[n], **{
+            name: _leaf(stage.params[j], ("parameter", j), keys)
+            for name, j in zip(stage.block_names[n], stage.block_params[n], strict=True)}}
+        args, kwargs = stage.arguments(tuple(
+            _leaf(t, ("argument", k), keys) if t.requires_grad else t
+            for k, t in enumerate(self.arg_tensors)))
+        # A saved-tensor hook of its own hides this short-lived graph from an
+        # outer one (``activation_memory`` counts what the forward pass keeps for backward).
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_alias, _alias):
+            try:
+                y = block_output(n, f, x_leaf, args, kwargs, params)
+            except RuntimeError as error:
+                if "leaf Variable that requires grad" in str(error):
+                    raise _modified_input(n, f) from None
+                raise
+        self.reads[n], foreign = reach(y, keys)
+        if foreign:
+            raise RuntimeError(
+                f"momres: block {n} ({type(f).__name__}) uses a tensor that requires grad but "
+                f"is neither its input, one of its parameters nor a tensor argument of the stage "
+                f"(shape {tuple(foreign[0].shape)}: an attribute or a closure?); the memory-free "
+                "backward cannot give it its gradient. Register it as an nn.Parameter of the "
+                "block, pass it to the stage as an argument, or detach it."
+            )
+        y = y.detach()
+        return y if stage.residual else y - x
+
     def save(self, ctx, state: list[torch.Tensor]) -> None:
         """Everything the backward needs goes through ``save_for_backward`` (and is counted)."""
-        ctx.n_state = len(state)
+        ctx.n_state, ctx.reads = len(state), self.reads
         ctx.rng_blocks = sorted(self.rng)
         ctx.rng_has_cuda = [self.rng[n].cuda is not None for n in ctx.rng_blocks]
         rng_tensors = [t for n in ctx.rng_blocks for t in self.rng[n].tensors()]
@@ -147,7 +225,7 @@ class Replayer:
                 f"not supported. Use {remedy} for higher-order gradients."
             )
         self.stage: Stage = ctx.stage
-        self.device, self.autocast = ctx.device, ctx.autocast
+        self.device, self.autocast, self.reads = ctx.device, ctx.autocast, ctx.reads
         saved = ctx.saved_tensors
         self.state, rest = list(saved[: ctx.n_state]), saved[ctx.n_state :]
         self.rng: dict[int, RngState] = {}
@@ -161,6 +239,7 @@ class Replayer:
         leaves = [t.detach().requires_grad_() if need else t
                   for t, need in zip(rest, self.arg_needs, strict=True)]
         self.args, self.kwargs = self.stage.arguments(tuple(leaves))
+        self.arg_leaves = leaves
         self.grad_args = [t for t, need in zip(leaves, self.arg_needs, strict=True) if need]
         self.param_grads: list[torch.Tensor | None] = [None] * self.stage.n_params
         self.arg_grads: list[torch.Tensor | None] = [None] * len(self.grad_args)
@@ -190,6 +269,8 @@ class Replayer:
         and of the tensor arguments.
         """
         x = x.detach().requires_grad_()
+        if self.stage.sharded[n]:
+            return self._pull_sharded(n, x, cotangent, scale)
         f, indices = self.stage.functions[n], self.stage.block_params[n]
         # Frozen parameters too: torch.func.functional_call may have swapped them as well.
         params = {**self.stage.block_frozen[n],
@@ -198,7 +279,10 @@ class Replayer:
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
         ), frozen_batchnorm(f):
-            g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual, params)
+            y = block_output(n, f, x, self.args, self.kwargs, params)
+            if n in self.reads:
+                self._audit(n, x, y)
+            g = y if self.stage.residual else y - x
         mine = [j for j in indices if self.param_needs[j]]
         wrt = [x, *(self.leaves[j] for j in mine), *self.grad_args]
         grads = torch.autograd.grad(g, wrt, cotangent, allow_unused=True)
@@ -206,10 +290,120 @@ class Replayer:
         _accumulate(self.arg_grads, range(len(self.grad_args)), grads[1 + len(mine) :], scale)
         return g.detach(), grads[0]
 
+    def _pull_sharded(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``pull`` for a block sharded by FSDP2 (``fully_shard(block)``).
+
+        The block is called as such: its hooks all-gather its parameters, as they do for an
+        activation-checkpointing recompute, and reduce-scatter the gradients that the backward
+        below accumulates in the gathered parameters (scaled there by a hook of ours).
+        """
+        f = self.stage.functions[n]
+        with torch.enable_grad(), self.autocast.replay(), restored_rng(
+            self.rng.get(n), self.device
+        ), frozen_batchnorm(f):
+            y = block_output(n, f, x, self.args, self.kwargs)
+            g = y if self.stage.residual else y - x
+        params = [p for p in f.parameters() if p.requires_grad]  # gathered, while backward runs
+        hooks = [p.register_hook(lambda grad: grad * scale) for p in params if scale != 1]
+        try:
+            torch.autograd.backward(g, cotangent, inputs=[x, *params, *self.grad_args])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        grads = [t.grad for t in self.grad_args]
+        for t in self.grad_args:
+            t.grad = None
+        _accumulate(self.arg_grads, range(len(grads)), grads, scale)
+        _restart_fsdp_cycle(f)
+        return g.detach(), x.grad
+
+    def _audit(self, n: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Refuse a recompute whose graph does not reach what the forward pass's did."""
+        f = self.stage.functions[n]
+        keys: dict[int, Key] = {id(x): "x"}
+        keys |= {id(self.leaves[j]): ("parameter", j) for j in self.stage.block_params[n]
+                 if self.param_needs[j]}
+        keys |= {id(t): ("argument", k) for k, (t, need)
+                 in enumerate(zip(self.arg_leaves, self.arg_needs, strict=True)) if need}
+        found, foreign = reach(y, keys)
+        lost, gained = self.reads[n] - found, found - self.reads[n]
+        if lost or gained or foreign:
+            differences = []
+            if lost:
+                differences.append(f"the forward pass differentiates "
+                                   f"{self.stage.describe(n, lost)} and the recompute does not")
+            if gained:
+                differences.append(f"the recompute differentiates "
+                                   f"{self.stage.describe(n, gained)} and the forward pass does "
+                                   "not")
+            if foreign:
+                differences.append("the recompute reaches a tensor that requires grad from "
+                                   "outside the block (kept from an earlier call?)")
+            raise RuntimeError(
+                f"momres: block {n} ({type(f).__name__}) builds another graph in the backward "
+                f"pass's recompute than in the forward pass: {'; '.join(differences)}. Its "
+                "gradients would not be plain autograd's. Every call of a block must compute "
+                "its output from its input, parameters and arguments the same way: likely "
+                "causes are x.detach() or torch.no_grad() in some calls only, or a tensor "
+                "derived from a parameter and kept from an earlier call (a cache); compute it "
+                "in every call."
+            )
+        _AUDITED.add(f)
+
     def input_grads(self) -> list[torch.Tensor | None]:
         """Gradients for the Function's parameter and argument inputs, in their order."""
         it = iter(self.arg_grads)
         return [*self.param_grads, *(next(it) if need else None for need in self.arg_needs)]
+
+
+def reach(y: torch.Tensor, keys: dict[int, Key]) -> tuple[set[Key], list[torch.Tensor]]:
+    """The keys of the leaves (``keys``: by ``id``) that ``y``'s graph reaches, and the other
+    leaves requiring grad that it reaches."""
+    leaves = [y] if y.grad_fn is None and y.requires_grad else []  # y itself (an identity)
+    todo, seen = [y.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf requiring grad
+            leaves.append(node.variable)
+        todo.extend(child for child, _ in node.next_functions)
+    found = {keys[id(t)] for t in leaves if id(t) in keys}
+    return found, [t for t in leaves if id(t) not in keys]
+
+
+def _leaf(t: torch.Tensor, key: Key, keys: dict[int, Key]) -> torch.Tensor:
+    """A leaf requiring grad with ``t``'s data, registered in ``keys``."""
+    leaf = t.detach().requires_grad_()
+    keys[id(leaf)] = key
+    return leaf
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A saved tensor's data without its autograd identity: returning ``t`` itself would tie
+    a node to an output it saved in a reference cycle that keeps the graph alive; autograd
+    gives the unpacked tensor its identity back."""
+    return t.detach()
+
+
+def _partly_sharded(n: int, f: nn.Module, name: str) -> ValueError:
+    """The error for a sharded parameter (FSDP2 on a part of a block, tensor parallelism) in a
+    block that FSDP2 does not manage as a whole: its gradient would be lost."""
+    return ValueError(
+        f"momres: parameter {name!r} of block {n} ({type(f).__name__}) is a sharded DTensor, "
+        "but the block itself is not an FSDP2 module; the memory-free backward supports FSDP2 "
+        "on whole blocks only. Shard each block of the stage (fully_shard(block)) and then the "
+        "model, or shard only the model."
+    )
+
+
+def _modified_input(n: int, f: nn.Module) -> RuntimeError:
+    return RuntimeError(
+        f"momres: block {n} ({type(f).__name__}) modified its input in place; the memory-free "
+        "backward needs it intact. Use inplace=False for its first op."
+    )
 
 
 def graph_kept() -> bool:
@@ -227,3 +421,20 @@ def _accumulate(total: list, indices, grads, scale: float) -> None:
     for j, grad in zip(indices, grads, strict=True):
         if grad is not None:
             total[j] = grad * scale if total[j] is None else total[j].add_(grad, alpha=scale)
+
+
+def _restart_fsdp_cycle(f: nn.Module) -> None:
+    """Leave FSDP2's state of ``f`` idle after its recompute, so that the next call of the same
+    block (shared across depths, or in a later stage) runs a whole cycle again: all-gather,
+    then reduce-scatter of its gradients.  Left in its backward state, FSDP would take that
+    call for an activation-checkpointing recompute whose gradients it never reduces."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+        f._get_fsdp_state()._training_state = TrainingState.IDLE
+    except (ImportError, AttributeError) as error:  # FSDP2's internals moved
+        raise RuntimeError(
+            f"momres: this PyTorch ({torch.__version__}) changed the FSDP2 internals that the "
+            f"memory-free backward of a sharded block relies on ({error}); its gradients "
+            "cannot be guaranteed. Shard only the model (fully_shard(model)), not its blocks."
+        ) from None

@@ -318,3 +318,11 @@ def momentum_stages(model: nn.Module) -> dict[str, MomentumStage]:
     ``stage.momentum``, whose ``memory_efficient`` and ``exact`` may be switched in place.
     """
     return {path: m for path, m in model.named_modules() if isinstance(m, MomentumStage)}
+
+
+def momentum_blocks(model: nn.Module) -> list[nn.Module]:
+    """The distinct blocks of the model's momentum stages (``MomentumNet`` anywhere, converted
+    stages), each once however often it is used: what to shard block by block (FSDP2)."""
+    nets = [m for m in model.modules() if isinstance(m, MomentumNet)]
+    nets += [stage.momentum for stage in momentum_stages(model).values()]
+    return list(dict.fromkeys(f for net in nets for f in net.functions))

@@ -3,7 +3,8 @@
 The conventions of torchvision's reference scripts: SGD with momentum and weight decay, a step
 or cosine learning-rate schedule stepped once per epoch, ``--batch-size`` per process, and
 ``torchrun`` for multi-GPU and multi-node runs (DistributedDataParallel with a
-DistributedSampler; rank 0 alone logs and writes files).
+DistributedSampler, or with ``--fsdp`` FSDP2: each block of the momentum stages and then the
+model sharded with ``fully_shard``; rank 0 alone logs and writes files).
 
 The output folder ``--out`` holds ``config.json``, ``metrics.jsonl`` (one JSON object per epoch),
 ``curves.png``, ``checkpoint.pt`` (after every epoch), ``best.pt`` (best test accuracy) and, at
@@ -43,6 +44,7 @@ from tqdm import tqdm
 
 from . import __version__
 from ._io import atomic_write, write_json
+from .convert import momentum_blocks
 from .data import DATASETS, ImageData, load_dataset
 from .memory import MIB, activation_memory, peak_bytes, tensor_bytes
 
@@ -80,6 +82,7 @@ class Config:
     warmup_epochs: int = 0  # linear warm-up from lr/10 before the schedule
     amp: str | None = None  # "bfloat16" or "float16" autocast
     memory_efficient: bool = True
+    fsdp: bool = False  # under torchrun: FSDP2 (each momentum block, then the model) for DDP
     seed: int = 0
     device: str = "auto"
     workers: int | None = None  # default: 4 on CUDA, 0 on CPU (the data sets live in memory)
@@ -225,6 +228,13 @@ class Trainer:
         self.config = config
         self.rank, self.world_size, self.device = _distributed(config.device)
         self.main = self.rank == 0
+        if config.fsdp and self.world_size == 1:
+            raise ValueError("momres: --fsdp shards the model across the processes of a torchrun "
+                             "launch (torchrun --nproc_per_node N -m momres train ...); with one "
+                             "process, drop --fsdp.")
+        if config.fsdp and config.amp == "float16":
+            raise ValueError("momres: --fsdp with --amp float16 (a gradient scaler over sharded "
+                             "gradients) is not supported; use --amp bfloat16.")
         self.out = Path(config.out)
         if self.main:
             _prepare_out(self.out, config.resume)
@@ -243,10 +253,14 @@ class Trainer:
                      + (f"; new {', '.join(fresh)}" if fresh else ""))
         self.model = model.to(self.device)
         self.net = self.model
-        if self.world_size > 1:
+        self.activation_mib = self._activation_memory() / MIB  # on a copy, before any sharding
+        if config.fsdp:
+            shard(self.model)
+        elif self.world_size > 1:
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if self.world_size > 1:
             torch.manual_seed(config.seed + self.rank)  # different augmentations per process
 
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr,
@@ -260,7 +274,6 @@ class Trainer:
         self.start_epoch, self.best_accuracy, self.records = 0, -1.0, []
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.activation_mib = self._activation_memory() / MIB
         self.memory_counter = ("torch.cuda.max_memory_allocated" if self.device.type == "cuda"
                                else "cpu: model and optimizer state + torch.profiler peak of one"
                                     " training step")
@@ -340,8 +353,9 @@ class Trainer:
             y = y.to(self.device, non_blocking=True)
             try:
                 if step == traced and not cuda:
-                    state = tensor_bytes(chain(self.model.parameters(), self.model.buffers(),
-                                               _optimizer_tensors(self.optimizer)))
+                    state = tensor_bytes(_local(chain(self.model.parameters(),
+                                                      self.model.buffers(),
+                                                      _optimizer_tensors(self.optimizer))))
                     result: list[torch.Tensor] = []
                     traced = peak_bytes(lambda x=x, y=y, out=result: out.extend(self._step(x, y)),
                                         "cpu")
@@ -456,9 +470,17 @@ class Trainer:
         states = [rng] * self.world_size
         if self.world_size > 1:
             dist.all_gather_object(states, rng)
+        if self.config.fsdp:  # whole tensors, gathered from the shards (every rank takes part)
+            from torch.distributed.checkpoint import state_dict as dcp
+
+            options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model = dcp.get_model_state_dict(self.model, options=options)
+            optimizer = dcp.get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         return {
             "momres": __version__, "epoch": epochs_done, "config": self.config.as_dict(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model, "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "rng": states, "records": self.records,
         }
@@ -502,8 +524,16 @@ class Trainer:
         scaler, random generators, metrics."""
         path = self.out / "checkpoint.pt"
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.config.fsdp:  # every rank holds the whole state: each keeps its shards
+                from torch.distributed.checkpoint import state_dict as dcp
+
+                options = dcp.StateDictOptions(full_state_dict=True)
+                dcp.set_model_state_dict(self.model, state["model"], options=options)
+                dcp.set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                             options=options)
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError, TypeError) as error:
@@ -523,6 +553,16 @@ class Trainer:
             lines = "".join(json.dumps(r) + "\n" for r in self.records)
             atomic_write(self.out / "metrics.jsonl", lambda p: p.write_text(lines))
         self.log(f"momres: resumed {path} after epoch {self.start_epoch}")
+
+
+def shard(model: nn.Module) -> None:
+    """FSDP2 in place: each block of the model's memory-free momentum stages, then the model
+    (which keeps the rest: stems, shape-changing blocks, the head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in momentum_blocks(model):
+        fully_shard(block)
+    fully_shard(model)
 
 
 def _distributed(requested: str) -> tuple[int, int, torch.device]:
@@ -576,6 +616,8 @@ def _as_option(key: str, value: Any) -> str:
     if key == "memory_efficient":
         return "no --no-memory-efficient" if value else "--no-memory-efficient"
     flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
     if value is None:
         return f"no {flag}"
     return f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
@@ -584,6 +626,12 @@ def _as_option(key: str, value: Any) -> str:
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
     for state in optimizer.state.values():
         yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _local(tensors: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """This process's part of each tensor: the local shard of a DTensor (--fsdp)."""
+    for t in tensors:
+        yield t.to_local() if hasattr(t, "to_local") else t
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="autocast: bfloat16 (default when given; CPU and CUDA) or float16 (CUDA)")
     add("--no-memory-efficient", dest="memory_efficient", action="store_false",
         help="plain autograd through momentum stages (stores activations)")
+    add("--fsdp", action="store_true",
+        help="under torchrun: shard each momentum block and the model with FSDP2 (instead of "
+             "DistributedDataParallel)")
     add("--seed", type=int, default=d.seed)
     add("--device", default=d.device, help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
     add("--workers", type=int, help="data-loading processes (default: 4 on CUDA, 0 on CPU)")
