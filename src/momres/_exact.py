@@ -163,10 +163,11 @@ def mul_frac_(
     return i, c, tmp
 
 
-#: Elements per chunk of the elementwise arithmetic on the CPU: two float64 scratch chunks
-#: (1 MiB) stay in the L2 cache while a dozen passes run over them, and the scratch is
-#: allocated once per pass over the stage instead of a full-size tensor per block.
-CHUNK = 2**16
+#: Elements per chunk of the backward pass's arithmetic on the CPU: its float64 scratch is
+#: 4 MiB, however large the stage (it would be 16 bytes per element of the state at full
+#: size), and a chunk stays in the last-level cache over its dozen passes.  Larger than the
+#: L2 cache, because every pass is a Python call too.
+CHUNK = 2**18
 
 
 def chunk_rows(like: torch.Tensor) -> int:
@@ -209,31 +210,32 @@ def shaped(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat[: like.numel()].view(like.shape)
 
 
-def forward_chunk_(
-    x: torch.Tensor, v: torch.Tensor, buf: torch.Tensor, g: torch.Tensor,
-    b: torch.Tensor, t: torch.Tensor, num: int, den: int, scale: float, unit: float,
-) -> None:
-    """One block of the exact rule on one chunk, in place:
-    ``v <- v*num/den + round(scale*g); x <- x + v*unit``, the lost bits onto ``buf``.
+def forward_step_(
+    x: torch.Tensor, v: torch.Tensor, i: torch.Tensor, tmp: torch.Tensor, g: torch.Tensor,
+    num: int, den: int, scale: float, unit: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of the exact rule: ``v <- v*num/den + round(scale*g); x <- x + v*unit``.
 
-    ``x`` (grid values) and ``v`` (units) are float64; ``buf`` is stored in the narrowest
-    integer type its bound allows and widened into the scratch ``b`` for the arithmetic;
-    ``t`` is scratch too.
+    ``v``, the buffer ``i`` and ``tmp`` are float64 and change roles (:func:`mul_frac_`); the
+    new ``(v, i, tmp)`` are handed back.  The forward pass runs it on whole tensors: it holds
+    no graph, so its full-size buffer and scratch do not raise the step's peak.
     """
-    b.copy_(buf)
-    value, buffer, tmp = mul_frac_(v, b, t, num, den)  # value in b's memory, buffer in v's
-    value.add_(quantise(g, scale, out=tmp))
-    x.add_(value, alpha=unit)
-    buf.copy_(buffer)
-    v.copy_(value)
+    v, i, tmp = mul_frac_(v, i, tmp, num, den)
+    v.add_(quantise(g, scale, out=tmp))
+    x.add_(v, alpha=unit)
+    return v, i, tmp
 
 
 def backward_chunk_(
     v: torch.Tensor, buf: torch.Tensor, g: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
     num: int, den: int, scale: float,
 ) -> None:
-    """Undo :func:`forward_chunk_`'s velocity update on one chunk, in place (``x`` is rebuilt
-    before ``g`` exists: :func:`retreat_chunk_`)."""
+    """Undo :func:`forward_step_`'s velocity update on one chunk, in place (``x`` is rebuilt
+    before ``g`` exists: :func:`retreat_chunk_`).
+
+    ``buf`` is stored in the narrowest integer type its bound allows and widened into the
+    float64 scratch ``b`` for the arithmetic; ``t`` is scratch too.
+    """
     v.sub_(quantise(g, scale, out=t))
     b.copy_(buf)
     value, buffer, _ = mul_frac_(v, b, t, den, num)

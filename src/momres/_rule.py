@@ -162,11 +162,11 @@ class FloatInversion(Inversion):
 class ExactInversion(Inversion):
     """The rule in fixed point, reversible bit for bit (``_exact``).
 
-    Forward: ``x`` is held on the grid ``2**-k`` in value units (float64), ``v`` in grid units,
-    and the bits that the multiplication by ``gamma = num/den`` destroys go to the information
-    buffer, pushed aside (spilled) and restarted before it could outgrow float64's exact
-    integers.  When to spill depends only on the block index, so forward and backward agree
-    without looking at the data.
+    Forward (no graph is held, so whole float64 tensors cost little at the step's peak): ``x``
+    is held on the grid ``2**-k`` in value units, ``v`` in grid units, and the bits that the
+    multiplication by ``gamma = num/den`` destroys go to the information buffer, pushed aside
+    (spilled) and restarted before it could outgrow float64's exact integers.  When to spill
+    depends only on the block index, so forward and backward agree without looking at the data.
 
     Backward, where the peak of a memory-free step is: ``x`` stays in the compact form the
     forward saved it in (its value in the activations' dtype, which is also the block's input,
@@ -181,42 +181,41 @@ class ExactInversion(Inversion):
         self.schedule, _ = _exact.spill_schedule(rule.num, rule.den, depth)
         self.buffer_dtypes = _exact.segment_dtypes(rule.num, rule.den, self.schedule)
 
-
     def start(self, x0, v0):
         k = self.rule.frac_bits
         self.x0, self.v0 = x0, v0
         self.X, self.V = _exact.to_grid(x0, k), _exact.to_units(v0, k)
-        self.buf = torch.zeros_like(self.X, dtype=self.buffer_dtypes[0])
+        self.buf, self.tmp = torch.zeros_like(self.X), torch.empty_like(self.X)
         self.checksum = torch.stack([self.X.sum(), self.V.sum()])
         self.spilled: list[torch.Tensor] = []
         self.gmax: list[torch.Tensor] = []
-        self.rows = _exact.chunk_rows(self.X)
-        self.step = fused(_exact.forward_chunk_, self.X)
+        self.step = fused(_exact.forward_step_, self.X)
 
     def position(self):
         return self.X.to(self.dtype, copy=True)
 
     def advance(self, n, g):
-        if self.schedule[n]:
-            self.spilled.append(self.buf)
-            self.buf = torch.zeros_like(self.X, dtype=self.buffer_dtypes[n])
+        if self.schedule[n]:  # stored as narrow as the segment's bound allows
+            self.spilled.append(self.buf.to(self.buffer_dtypes[n - 1]))
+            self.buf = torch.zeros_like(self.X)
         g = g.to(self.dtype)
         self.gmax.extend(_extremes(g))
-        rule, (b, t) = self.rule, _exact.scratch(self.X, self.rows)
-        for x, v, buf, gc in _exact.chunks(self.rows, self.X, self.V, self.buf, g):
-            self.step(x, v, buf, gc, _exact.shaped(b, x), _exact.shaped(t, x),
-                      rule.num, rule.den, self.scale, self.unit)
+        rule = self.rule
+        self.V, self.buf, self.tmp = self.step(self.X, self.V, self.buf, self.tmp, g, rule.num,
+                                               rule.den, self.scale, self.unit)
 
     def finish(self):
         k = self.rule.frac_bits
+        del self.tmp
         x_out, remainder = _exact.split_grid_(self.X, k, self.dtype)  # X is consumed
         # Float16's range (65504) is narrower than the grid's: its output may overflow.
         narrow_range = torch.finfo(self.dtype).max < _exact.range_limit(k)
         check_range(self.rule, self.x0, self.v0, self.gmax, x_out if narrow_range else None)
         v_out = _exact.from_units(self.V, k, self.dtype)
         has_remainder = remainder is not None
-        saved = [x_out, *([remainder] if has_remainder else []), self.V, self.buf,
-                 self.checksum, *self.spilled]
+        buf = self.buf.to(self.buffer_dtypes[-1])
+        saved = [x_out, *([remainder] if has_remainder else []), self.V, buf, self.checksum,
+                 *self.spilled]
         return x_out, v_out, saved, has_remainder
 
     def resume(self, saved, layout):
@@ -272,7 +271,7 @@ class ExactInversion(Inversion):
 
     def state(self):
         # The same representation in both directions, so that the logs compare bit for bit.
-        grid = self.X if hasattr(self, "X") else self._grid()
+        grid = self.X if hasattr(self, "X") else self._grid()  # forward or backward
         return grid, self.V, self.buf.to(torch.float64)
 
 
