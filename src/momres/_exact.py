@@ -157,7 +157,8 @@ def mul_frac_(
     torch.div(c, _divisor(den, c), out=tmp).floor_()  # tmp = c div den
     c.sub_(tmp, alpha=den)  # c = c mod den
     torch.add(c, i, alpha=den, out=i)  # i = i*den + c mod den
-    torch.div(i, _divisor(num, i), out=c).floor_()  # c = i div num   (the new buffer)
+    # i >= 0 here, so truncation is the floor: one pass instead of two.
+    torch.div(i, _divisor(num, i), rounding_mode="trunc", out=c)  # c = i div num (new buffer)
     i.sub_(c, alpha=num)  # i = i mod num
     i.add_(tmp, alpha=num)  # i = (c div den)*num + i mod num   (the new value)
     return i, c, tmp
@@ -233,14 +234,15 @@ def backward_chunk_(
     """Undo :func:`forward_step_`'s velocity update on one chunk, in place (``x`` is rebuilt
     before ``g`` exists: :func:`retreat_chunk_`).
 
-    ``buf`` is stored in the narrowest integer type its bound allows and widened into the
-    float64 scratch ``b`` for the arithmetic; ``t`` is scratch too.
+    ``buf`` is stored in the narrowest integer type its bound allows and widened for the
+    arithmetic; ``b`` and ``t`` are float64 scratch.
     """
-    v.sub_(quantise(g, scale, out=t))
-    b.copy_(buf)
-    value, buffer, _ = mul_frac_(v, b, t, den, num)
+    # The velocity goes to the scratch and the widened buffer into v's memory, so that the
+    # multiplication (which swaps the two roles) leaves the new velocity in v.
+    torch.sub(v, quantise(g, scale, out=t), out=b)
+    v.copy_(buf)
+    _, buffer, _ = mul_frac_(b, v, t, den, num)
     buf.copy_(buffer)
-    v.copy_(value)
 
 
 def retreat_chunk_(x: torch.Tensor, remainder: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
@@ -253,7 +255,11 @@ def retreat_chunk_(x: torch.Tensor, remainder: torch.Tensor, v: torch.Tensor, u:
     it, and the new remainder what that rounding left.  ``u`` is float64 scratch.
     """
     k = frac_bits
-    u.copy_(x).mul_(2.0**k).add_(remainder).sub_(v)
+    if x.dtype == torch.float16:  # x * 2**k would overflow float16's range
+        u.copy_(x).mul_(2.0**k)
+    else:  # exact in x's own dtype: a power of two within its range
+        torch.mul(x, 2.0**k, out=u)
+    u.add_(remainder).sub_(v)
     torch.mul(u, 2.0**-k, out=x)  # computed in float64, rounded once to x's dtype
     remainder.copy_(u.sub_(x, alpha=2.0**k))
 
