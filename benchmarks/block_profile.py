@@ -7,9 +7,10 @@ Each step (forward, cross-entropy, backward) runs under ``torch.profiler`` with 
 frames recorded; every operator's own CPU time is charged to one category by what it is and
 where it was called from: the blocks' convolutions; their other layers (BatchNorm, ReLU, the
 block's own skip); the exact arithmetic (``_exact``, and the inversion's steps in ``_rule``:
-for float mode, its floating-point rule); the rule under autograd (``RuleStep``); and the rest
-(Python and autograd bookkeeping: replaying the block, the recompute's arguments, its
-gradient call).  The profiler slows Python down, so read shares, not absolute times; time the
+for float mode, its floating-point rule); the rule under autograd (``RuleStep``); the memory-free
+backward's own elementwise work on the gradients (``a_x``, ``b``) and ``g = y - x``; and the rest
+(Python and autograd bookkeeping: replaying the block, the recompute's arguments, its gradient
+call).  The profiler slows Python down, so read shares, not absolute times; time the
 steps themselves with ``momres bench`` or ``stage_time.py``.
 """
 
@@ -19,6 +20,7 @@ import collections
 import torch
 import torch.nn.functional as F
 
+from momres.convert import MomentumStage
 from momres.models import create_model
 
 CONFIGS = {"demo": ("resnet56", 64, 1, 16), "resnet110": ("resnet110", 128, 3, 32)}
@@ -38,6 +40,10 @@ def category(event) -> str:
         return "rule under autograd"
     if "onvolution" in name:
         return "convolutions"
+    caller = next((a for a in ancestors if ".py(" in a), "")
+    if name.startswith("aten::") and ("momres/_rule.py" in caller
+                                      or "momres/_recompute.py" in caller):
+        return "gradients and g = y - x"
     if name.startswith("aten::") or "Backward" in name:
         return "other layers"
     return "Python and autograd bookkeeping"
@@ -75,17 +81,18 @@ def main() -> None:
         torch.manual_seed(0)
         model = create_model(model_name, num_classes=10, in_channels=channels, **options)
         rows[system] = profile(model.train(), x, y, args.steps)
-    blocks = sum(1 for m in model.modules() if type(m).__name__ == "BasicBlock")
+    blocks = sum(len(m.momentum.functions) for m in model.modules()
+                 if isinstance(m, MomentumStage))
     names = sorted({c for row in rows.values() for c in row})
-    print(f"{args.config}: {name}, {channels}x{size}x{size}, batch {batch}, {blocks} blocks, "
-          f"{torch.get_num_threads()} threads; ms per step (profiled)")
+    print(f"{args.config}: {name}, {channels}x{size}x{size}, batch {batch}, {blocks} momentum "
+          f"blocks, {torch.get_num_threads()} threads; ms per step (profiled)")
     print("| category | " + " | ".join(rows) + " |")
     print("|---|" + "---:|" * len(rows))
     for c in names:
         print(f"| {c} | " + " | ".join(f"{row.get(c, 0):.1f}" for row in rows.values()) + " |")
     print("| total | " + " | ".join(f"{sum(row.values()):.1f}" for row in rows.values()) + " |")
     exact = rows["exact"]["exact arithmetic / float rule"]
-    print(f"exact arithmetic per block and direction: {exact / blocks / 2 * 1e3:.0f} us")
+    print(f"exact arithmetic per momentum block and direction: {exact / blocks / 2 * 1e3:.0f} us")
 
 
 if __name__ == "__main__":
