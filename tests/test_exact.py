@@ -77,7 +77,7 @@ def test_buffer_is_stored_as_narrow_as_its_bound_allows(depth, dtype):
     """At gamma = 0.9 the buffer gains 0.15 bits a block: 32 blocks fit in a byte."""
     _, bound = _exact.spill_schedule(9, 10, depth)
     buffer = torch.full((3,), float(bound), dtype=torch.float64)
-    narrow = _exact.narrow(buffer, bound)
+    narrow = buffer.to(_exact.narrow_dtype(bound))
     assert narrow.dtype == dtype
     assert torch.equal(narrow.to(torch.float64), buffer)  # the largest value survives
 

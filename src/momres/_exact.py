@@ -297,11 +297,6 @@ def narrow_dtype(bound: int) -> torch.dtype:
     return torch.float64
 
 
-def narrow(buffer: torch.Tensor, bound: int) -> torch.Tensor:
-    """The buffer (integers in ``[0, bound]``) in :func:`narrow_dtype` of ``bound``."""
-    return buffer.to(narrow_dtype(bound))
-
-
 def segment_dtypes(num: int, den: int, schedule: list[bool]) -> list[torch.dtype]:
     """For each block, the type that holds its buffer: :func:`narrow_dtype` of the largest
     value the buffer can reach before it is next spilled (or at the end of the stage)."""
