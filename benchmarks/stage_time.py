@@ -5,7 +5,7 @@
 The measurement behind the core step-time target: plain autograd; plain autograd plus one more
 forward pass without grad (the recompute floor: what rebuilding activations costs, however it
 is done); torch.utils.checkpoint; momres float and exact; with ``--fused``, exact with the
-compiled kernels (``MOMRES_FUSE=auto``; the first fused step compiles, tens of seconds, then
+compiled kernels (``MOMRES_FUSE=1``; the first fused step compiles, tens of seconds, then
 PyTorch caches it on disk); and the official ``momentumnet`` package when it is installed.
 Prints each median step time and its median ratio to plain autograd and to the floor, over
 rounds, and momres exact's step time over the official package's.
@@ -49,10 +49,10 @@ def main() -> None:
     steps |= {s: functools.partial(step_time, m, x) for s, m in models.items() if s != "plain"}
     if args.fused:
         start = time.perf_counter()
-        with_fusion("auto", models["momres-exact"], x)
+        with_fusion("1", models["momres-exact"], x)
         print(f"first fused step (compiles): {time.perf_counter() - start:.1f} s")
         steps["momres-exact fused"] = functools.partial(
-            with_fusion, "auto", models["momres-exact"], x)
+            with_fusion, "1", models["momres-exact"], x)
     times = interleaved(steps, args.rounds)
     print(f"depth {args.depth}, batch {args.batch}, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")

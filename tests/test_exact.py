@@ -77,7 +77,7 @@ def test_buffer_is_stored_as_narrow_as_its_bound_allows(depth, dtype):
     """At gamma = 0.9 the buffer gains 0.15 bits a block: 32 blocks fit in a byte."""
     _, bound = _exact.spill_schedule(9, 10, depth)
     buffer = torch.full((3,), float(bound), dtype=torch.float64)
-    narrow = _exact.narrow(buffer, bound)
+    narrow = buffer.to(_exact.narrow_dtype(bound))
     assert narrow.dtype == dtype
     assert torch.equal(narrow.to(torch.float64), buffer)  # the largest value survives
 
@@ -158,3 +158,47 @@ def test_zero_activations_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         momres.MomentumNet([block], 0.9)(torch.zeros(2, 8, requires_grad=True)).sum().backward()
+
+
+@settings(max_examples=50, deadline=None)
+@given(frac=fractions, depth=st.integers(1, 400))
+def test_each_block_buffer_type_holds_its_segment_bound(frac, depth):
+    """The buffer of block n is stored in a type that holds every value it can reach before
+    its next spill, and one type serves a whole segment (the tensor is reused across it)."""
+    num, den = frac
+    schedule, _ = _exact.spill_schedule(num, den, depth)
+    dtypes = _exact.segment_dtypes(num, den, schedule)
+    bound = 0
+    for n, spill in enumerate(schedule):
+        if spill:
+            bound = 0
+        bound = (bound * den + den - 1) // num
+        assert bound <= (2**53 if dtypes[n] == torch.float64 else torch.iinfo(dtypes[n]).max)
+        if n and not spill:
+            assert dtypes[n] == dtypes[n - 1]
+
+
+@pytest.mark.parametrize("shape, channels_last", [((37, 16384), False),
+                                                  ((40, 8, 32, 32), True), ((300,), False)])
+def test_chunked_arithmetic_rebuilds_every_layout_exactly(shape, channels_last):
+    """Chunks are slices along dim 0, the last one shorter; every layout is cut alike."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        assert _exact.chunk_rows(x) == 32  # chunks of 32 and 8 rows
+        blocks = [nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Tanh()) for _ in range(3)]
+    elif len(shape) == 2:
+        blocks = [nn.Sequential(nn.Linear(16384, 8), nn.Tanh(), nn.Linear(8, 16384))
+                  for _ in range(3)]
+        assert _exact.chunk_rows(x) == 16  # chunks of 16, 16 and 5 rows
+    else:
+        blocks = [nn.Tanh() for _ in range(3)]
+    net = momres.MomentumNet(blocks, 0.9)
+    with momres.debug.record_states() as log:
+        exact = gradients(net, x)
+    for n in range(3):
+        for a, b in zip(log["forward"][n], log["backward"][n], strict=True):
+            assert torch.equal(a, b), n
+    plain = gradients(momres.MomentumNet(blocks, 0.9, memory_efficient=False), x)
+    assert relative_error(exact, plain) < 1e-4

@@ -157,30 +157,111 @@ def mul_frac_(
     torch.div(c, _divisor(den, c), out=tmp).floor_()  # tmp = c div den
     c.sub_(tmp, alpha=den)  # c = c mod den
     torch.add(c, i, alpha=den, out=i)  # i = i*den + c mod den
-    torch.div(i, _divisor(num, i), out=c).floor_()  # c = i div num   (the new buffer)
+    # i >= 0 here, so truncation is the floor: one pass instead of two.
+    torch.div(i, _divisor(num, i), rounding_mode="trunc", out=c)  # c = i div num (new buffer)
     i.sub_(c, alpha=num)  # i = i mod num
     i.add_(tmp, alpha=num)  # i = (c div den)*num + i mod num   (the new value)
     return i, c, tmp
+
+
+#: Elements per chunk of the backward pass's arithmetic on the CPU: its float64 scratch is
+#: 4 MiB, however large the stage (it would be 16 bytes per element of the state at full
+#: size), and a chunk stays in the last-level cache over its dozen passes.  Larger than the
+#: L2 cache, because every pass is a Python call too.
+CHUNK = 2**18
+
+
+def chunk_rows(like: torch.Tensor) -> int:
+    """Rows (along dim 0) per chunk of the elementwise arithmetic on tensors like ``like``.
+
+    Chunks are slices along dim 0, so every tensor of the state is cut at the same logical
+    indices whatever its memory layout.  On CUDA one chunk is the whole tensor: there, cache
+    reuse matters less than the number of kernel launches.
+    """
+    if like.dim() == 0:
+        return 1
+    rows = like.shape[0]
+    if like.device.type != "cpu" or rows == 0:
+        return max(rows, 1)
+    return max(1, min(rows, CHUNK // max(1, like.numel() // rows)))
+
+
+def chunks(rows: int, *tensors: torch.Tensor):
+    """Matching slices along dim 0 of ``tensors`` (0-dim tensors: the tensors themselves)."""
+    if tensors[0].dim() == 0:
+        yield tensors
+        return
+    for start in range(0, tensors[0].shape[0], rows):
+        yield tuple(t[start : start + rows] for t in tensors)
+
+
+def scratch(like: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float64 scratch tensors of one chunk's size (flat; ``shaped`` views them).
+
+    Made for each block's arithmetic and freed with it, so that they never sit beside a
+    block's graph at the peak of the backward pass; reused across the chunks.
+    """
+    size = like.numel() if like.dim() == 0 else rows * (like.numel() // max(1, like.shape[0]))
+    flat = torch.empty(2, size, dtype=torch.float64, device=like.device)
+    return flat[0], flat[1]
+
+
+def shaped(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The first ``like.numel()`` elements of the flat scratch ``flat``, shaped like ``like``."""
+    return flat[: like.numel()].view(like.shape)
 
 
 def forward_step_(
     x: torch.Tensor, v: torch.Tensor, i: torch.Tensor, tmp: torch.Tensor, g: torch.Tensor,
     num: int, den: int, scale: float, unit: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block of the exact rule: ``v <- v*num/den + round(scale*g); x <- x + v*unit``."""
+    """One block of the exact rule: ``v <- v*num/den + round(scale*g); x <- x + v*unit``.
+
+    ``v``, the buffer ``i`` and ``tmp`` are float64 and change roles (:func:`mul_frac_`); the
+    new ``(v, i, tmp)`` are handed back.  The forward pass runs it on whole tensors: it holds
+    no graph, so its full-size buffer and scratch do not raise the step's peak.
+    """
     v, i, tmp = mul_frac_(v, i, tmp, num, den)
     v.add_(quantise(g, scale, out=tmp))
     x.add_(v, alpha=unit)
     return v, i, tmp
 
 
-def backward_step_(
-    v: torch.Tensor, i: torch.Tensor, tmp: torch.Tensor, g: torch.Tensor,
+def backward_chunk_(
+    v: torch.Tensor, buf: torch.Tensor, g: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
     num: int, den: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Undo :func:`forward_step_`'s velocity update (``x`` is rebuilt before ``g`` exists)."""
-    v.sub_(quantise(g, scale, out=tmp))
-    return mul_frac_(v, i, tmp, den, num)
+) -> None:
+    """Undo :func:`forward_step_`'s velocity update on one chunk, in place (``x`` is rebuilt
+    before ``g`` exists: :func:`retreat_chunk_`).
+
+    ``buf`` is stored in the narrowest integer type its bound allows and widened for the
+    arithmetic; ``b`` and ``t`` are float64 scratch.
+    """
+    # The velocity goes to the scratch and the widened buffer into v's memory, so that the
+    # multiplication (which swaps the two roles) leaves the new velocity in v.
+    torch.sub(v, quantise(g, scale, out=t), out=b)
+    v.copy_(buf)
+    _, buffer, _ = mul_frac_(b, v, t, den, num)
+    buf.copy_(buffer)
+
+
+def retreat_chunk_(x: torch.Tensor, remainder: torch.Tensor, v: torch.Tensor, u: torch.Tensor,
+                   frac_bits: int) -> None:
+    """``x <- x - v`` on one chunk of a state held as :func:`split_grid_` holds it: the value
+    ``x`` in the activations' dtype and ``remainder`` in grid units, both updated in place.
+
+    In units ``U = x*2**k + remainder`` (exact: scaling by a power of two, and the sum stays
+    below 2**53), the new value is ``U*2**-k`` rounded to the dtype, as ``split_grid_`` rounds
+    it, and the new remainder what that rounding left.  ``u`` is float64 scratch.
+    """
+    k = frac_bits
+    if x.dtype == torch.float16:  # x * 2**k would overflow float16's range
+        u.copy_(x).mul_(2.0**k)
+    else:  # exact in x's own dtype: a power of two within its range
+        torch.mul(x, 2.0**k, out=u)
+    u.add_(remainder).sub_(v)
+    torch.mul(u, 2.0**-k, out=x)  # computed in float64, rounded once to x's dtype
+    remainder.copy_(u.sub_(x, alpha=2.0**k))
 
 
 def spill_schedule(num: int, den: int, depth: int, limit: int = EXACT_LIMIT
@@ -204,16 +285,35 @@ def spill_schedule(num: int, den: int, depth: int, limit: int = EXACT_LIMIT
     return schedule, bound
 
 
-def narrow(buffer: torch.Tensor, bound: int) -> torch.Tensor:
-    """The buffer (integers in ``[0, bound]``) in the narrowest integer type that holds them.
+def narrow_dtype(bound: int) -> torch.dtype:
+    """The narrowest type that holds the integers ``[0, bound]`` (float64 beyond int32).
 
     The buffer gains only ``log2(den/num)`` bits per block (0.15 at gamma = 0.9), so a stage of
     a few dozen blocks needs one byte per element where float64 takes eight.
     """
     for dtype in (torch.uint8, torch.int16, torch.int32):
         if bound <= torch.iinfo(dtype).max:
-            return buffer.to(dtype)
-    return buffer
+            return dtype
+    return torch.float64
+
+
+def segment_dtypes(num: int, den: int, schedule: list[bool]) -> list[torch.dtype]:
+    """For each block, the type that holds its buffer: :func:`narrow_dtype` of the largest
+    value the buffer can reach before it is next spilled (or at the end of the stage)."""
+    bounds, bound = [], 0
+    for spill in schedule:
+        if spill:
+            bound = 0
+        bound = (bound * den + den - 1) // num
+        bounds.append(bound)
+    # Within a segment the bound only grows: its last block's bound holds for all of them.
+    dtypes = [torch.float64] * len(schedule)
+    end = bounds[-1] if bounds else 0
+    for n in reversed(range(len(schedule))):
+        dtypes[n] = narrow_dtype(end)
+        if schedule[n] and n > 0:
+            end = bounds[n - 1]
+    return dtypes
 
 
 def buffer_bits_per_block(num: int, den: int) -> float:

@@ -1,14 +1,14 @@
-"""Fused kernels for the exact arithmetic, compiled once with ``torch.compile``.
+"""Fused kernels for the exact arithmetic, compiled with ``torch.compile`` (opt-in).
 
-Eagerly, one exact step is about a dozen elementwise passes over float64 tensors, each a trip
-through memory.  Compiled, it is one loop.  The compiled function is the eager one (the same
-code, traced), so both compute the same integers; forward and backward of a stage always pick
-the same path, because the choice depends only on the tensors' size and device.
-
-Compilation costs tens of seconds on first use (then it is cached on disk by PyTorch) and needs
-a C++ compiler, so it is opt-in: ``MOMRES_FUSE=auto`` uses it on the CPU for tensors large enough
-to gain from it, ``MOMRES_FUSE=1`` for every size (the tests use this), and the default
-``MOMRES_FUSE=0`` never.  If compiling fails it falls back to the eager code, with one warning.
+On the CPU the exact step runs eagerly, chunk by chunk (``_exact.CHUNK``): its dozen
+elementwise passes then run over two small scratch tensors that stay in the cache, which is
+most of what fusing would bring, with no compilation at all.  On CUDA a chunk is the whole
+tensor, and each pass is a kernel launch: there ``MOMRES_FUSE=auto`` compiles the step into one
+kernel (untested here: no GPU was available).  ``MOMRES_FUSE=1`` compiles on every device (the
+tests use this to check that compiled and eager steps give the same integers), the default
+``MOMRES_FUSE=0`` never.  The compiled function is the eager one, traced, so both compute the
+same integers; forward and backward of a stage pick the same path, because the choice depends
+only on the device.  If compiling fails it falls back to the eager code, with one warning.
 """
 
 from __future__ import annotations
@@ -19,22 +19,19 @@ from collections.abc import Callable
 
 import torch
 
-#: Smallest tensor (elements) for which the fused kernels are used by default.
-MIN_ELEMENTS = 2**16
-
 _compiled: dict[Callable, Callable] = {}
 _broken = False
 
 
 def _wanted(like: torch.Tensor) -> bool:
     setting = os.environ.get("MOMRES_FUSE", "0")
-    if _broken or setting == "0" or like.device.type != "cpu":
+    if _broken:
         return False
-    return setting == "1" or like.numel() >= MIN_ELEMENTS
+    return setting == "1" or (setting == "auto" and like.device.type == "cuda")
 
 
 def fused(fn: Callable, like: torch.Tensor) -> Callable:
-    """``fn`` compiled into one kernel when that pays for tensors like ``like``, else ``fn``."""
+    """``fn`` compiled into one kernel when asked for tensors like ``like``, else ``fn``."""
     if not _wanted(like):
         return fn
     if fn not in _compiled:

@@ -162,24 +162,30 @@ class FloatInversion(Inversion):
 class ExactInversion(Inversion):
     """The rule in fixed point, reversible bit for bit (``_exact``).
 
-    ``x`` is held on the grid ``2**-k`` in value units, ``v`` in grid units, and the bits that
-    the multiplication by ``gamma = num/den`` destroys go to the information buffer, pushed
-    aside (spilled) and restarted before it could outgrow float64's exact integers.  When to
-    spill depends only on the block index, so forward and backward agree without looking at
-    the data.
+    Forward (no graph is held, so whole float64 tensors cost little at the step's peak): ``x``
+    is held on the grid ``2**-k`` in value units, ``v`` in grid units, and the bits that the
+    multiplication by ``gamma = num/den`` destroys go to the information buffer, pushed aside
+    (spilled) and restarted before it could outgrow float64's exact integers.  When to spill
+    depends only on the block index, so forward and backward agree without looking at the data.
+
+    Backward, where the peak of a memory-free step is: ``x`` stays in the compact form the
+    forward saved it in (its value in the activations' dtype, which is also the block's input,
+    and the remainder to the grid in units), the buffer stays in its narrow integer type, and
+    the arithmetic runs chunk by chunk through two small float64 scratch tensors.
     """
 
     def __init__(self, rule, dtype, depth):
         super().__init__(rule, dtype, depth)
         k = rule.frac_bits
         self.scale, self.unit = (1 - rule.gamma) * 2.0**k, 2.0**-k
-        self.schedule, self.bound = _exact.spill_schedule(rule.num, rule.den, depth)
+        self.schedule, _ = _exact.spill_schedule(rule.num, rule.den, depth)
+        self.buffer_dtypes = _exact.segment_dtypes(rule.num, rule.den, self.schedule)
 
     def start(self, x0, v0):
         k = self.rule.frac_bits
         self.x0, self.v0 = x0, v0
         self.X, self.V = _exact.to_grid(x0, k), _exact.to_units(v0, k)
-        self.buf = torch.zeros_like(self.X)
+        self.buf, self.tmp = torch.zeros_like(self.X), torch.empty_like(self.X)
         self.checksum = torch.stack([self.X.sum(), self.V.sum()])
         self.spilled: list[torch.Tensor] = []
         self.gmax: list[torch.Tensor] = []
@@ -189,54 +195,69 @@ class ExactInversion(Inversion):
         return self.X.to(self.dtype, copy=True)
 
     def advance(self, n, g):
-        if self.schedule[n]:
-            self.spilled.append(self.buf)
+        if self.schedule[n]:  # stored as narrow as the segment's bound allows
+            self.spilled.append(self.buf.to(self.buffer_dtypes[n - 1]))
             self.buf = torch.zeros_like(self.X)
         g = g.to(self.dtype)
         self.gmax.extend(_extremes(g))
-        # Scratch space only while the step runs, not under the block's temporaries.
         rule = self.rule
-        self.V, self.buf, _ = self.step(self.X, self.V, self.buf, torch.empty_like(self.X), g,
-                                        rule.num, rule.den, self.scale, self.unit)
+        self.V, self.buf, self.tmp = self.step(self.X, self.V, self.buf, self.tmp, g, rule.num,
+                                               rule.den, self.scale, self.unit)
 
     def finish(self):
         k = self.rule.frac_bits
+        del self.tmp
         x_out, remainder = _exact.split_grid_(self.X, k, self.dtype)  # X is consumed
         # Float16's range (65504) is narrower than the grid's: its output may overflow.
         narrow_range = torch.finfo(self.dtype).max < _exact.range_limit(k)
         check_range(self.rule, self.x0, self.v0, self.gmax, x_out if narrow_range else None)
         v_out = _exact.from_units(self.V, k, self.dtype)
         has_remainder = remainder is not None
-        saved = [x_out, *([remainder] if has_remainder else []), self.V,
-                 _exact.narrow(self.buf, self.bound), self.checksum, *self.spilled]
+        buf = self.buf.to(self.buffer_dtypes[-1])
+        saved = [x_out, *([remainder] if has_remainder else []), self.V, buf, self.checksum,
+                 *self.spilled]
         return x_out, v_out, saved, has_remainder
 
     def resume(self, saved, layout):
-        saved, k = list(saved), self.rule.frac_bits
-        remainder = saved.pop(1) if layout else None
-        self.X = _exact.join_grid(saved[0], remainder, k)
-        # V is internal to the Function: rebuilt in place unless a later backward pass
+        saved = list(saved)
+        # x's value is the stage's output, which is not ours to change: a copy.  The rest is
+        # internal to the Function: rebuilt in place unless a later backward pass
         # (retain_graph=True) needs it again.
-        self.V = saved[1].clone() if graph_kept() else saved[1]
-        self.buf = saved[2].to(torch.float64, copy=True)
-        self.checksum, self.spilled = saved[3], saved[4:]
-        self.step = fused(_exact.backward_step_, self.X)
+        copy = graph_kept()
+        own = (lambda t: t.clone()) if copy else (lambda t: t)
+        self.x = saved.pop(0).clone()
+        self.remainder = own(saved.pop(0)) if layout else None
+        self.V, self.buf = own(saved[0]), own(saved[1])
+        self.checksum, self.spilled = saved[2], [own(t) for t in saved[3:]] if copy else saved[3:]
         self.leftovers: list[torch.Tensor] = []
+        self.rows = _exact.chunk_rows(self.x)
+        self.step = fused(_exact.backward_chunk_, self.x)
 
     def retreat(self):
-        self.X.sub_(self.V, alpha=self.unit)  # x_n = x_{n+1} - v_{n+1}
-        return self.X.to(self.dtype, copy=True)
+        # x_n = x_{n+1} - v_{n+1}; the value part is the block's input, shared, not copied.
+        if self.remainder is None:  # float64: the value is the grid value itself
+            self.x.sub_(self.V, alpha=self.unit)
+        else:
+            u, _ = _exact.scratch(self.x, self.rows)
+            for x, r, v in _exact.chunks(self.rows, self.x, self.remainder, self.V):
+                _exact.retreat_chunk_(x, r, v, _exact.shaped(u, x), self.rule.frac_bits)
+        return self.x
 
     def rebuild(self, n, g):
-        rule = self.rule
-        self.V, self.buf, _ = self.step(self.V, self.buf, torch.empty_like(self.X),
-                                        g.to(self.dtype), rule.num, rule.den, self.scale)
+        rule, (b, t) = self.rule, _exact.scratch(self.x, self.rows)
+        for v, buf, gc in _exact.chunks(self.rows, self.V, self.buf, g.to(self.dtype)):
+            self.step(v, buf, gc, _exact.shaped(b, v), _exact.shaped(t, v), rule.num, rule.den,
+                      self.scale)
         if self.schedule[n]:
             self.leftovers.append(self.buf.any())
             self.buf = self.spilled.pop()
 
+    def _grid(self) -> torch.Tensor:
+        return _exact.join_grid(self.x, self.remainder, self.rule.frac_bits)
+
     def verify(self):
-        intact = torch.equal(torch.stack([self.X.sum(), self.V.sum()]), self.checksum)
+        # The forward's checksum summed the float64 grid in x_0's layout: so is this one.
+        intact = torch.equal(torch.stack([self._grid().sum(), self.V.sum()]), self.checksum)
         if not intact or bool(self.buf.any()) or any(bool(t) for t in self.leftovers):
             raise RuntimeError(
                 "momres: the backward pass did not rebuild the forward's exact state, so "
@@ -249,7 +270,9 @@ class ExactInversion(Inversion):
             )
 
     def state(self):
-        return self.X, self.V, self.buf
+        # The same representation in both directions, so that the logs compare bit for bit.
+        grid = self.X if hasattr(self, "X") else self._grid()  # forward or backward
+        return grid, self.V, self.buf.to(torch.float64)
 
 
 class LoggedInversion:
@@ -332,6 +355,37 @@ def check_range(rule: Rule, x0: torch.Tensor, v0: torch.Tensor, gmax: list,
             "and halves the range), rescale the input or the blocks, or use exact=False.",
             RuntimeWarning, stacklevel=5,
         )
+
+
+class RuleStep(torch.autograd.Function):
+    """One block of the rule under plain autograd, one graph node instead of four:
+    ``(x, v, y) -> (x + v', v')`` with ``v' = gamma v + (1 - gamma) g``, where ``g = y`` for a
+    residual branch and ``g = y - x`` for a block with its own skip connection.
+
+    The forward computes the same numbers as ``FloatInversion.advance`` (the same operations
+    in the same order).  The backward is linear in the incoming gradients and written with
+    differentiable operations, so it can itself be differentiated (double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, v: torch.Tensor, y: torch.Tensor, gamma: float,
+                residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.gamma, ctx.residual = gamma, residual
+        ctx.set_materialize_grads(False)
+        g = y if residual else y - x
+        v = torch.mul(v, gamma).add_(g, alpha=1 - gamma)
+        return x + v, v
+
+    @staticmethod
+    def backward(ctx, a_x: torch.Tensor | None, a_v: torch.Tensor | None):
+        gamma = ctx.gamma
+        # b = dL/dx' + dL/dv' is the gradient of v'; the rest is scaling.
+        b = a_v if a_x is None else a_x if a_v is None else a_x + a_v
+        if b is None:
+            return None, None, None, None, None
+        grad_y = b * (1 - gamma)
+        grad_x = a_x if ctx.residual else (-grad_y if a_x is None else a_x - grad_y)
+        return grad_x, b * gamma, grad_y, None, None
 
 
 class MomentumFunction(torch.autograd.Function):

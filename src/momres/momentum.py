@@ -21,7 +21,7 @@ from torch import nn
 
 from . import _exact
 from ._recompute import build_stage, evaluate
-from ._rule import MomentumFunction, Rule
+from ._rule import MomentumFunction, Rule, RuleStep
 
 
 class MomentumNet(nn.Module):
@@ -197,7 +197,7 @@ def momentum_rule(
     at all) by plain autograd.  ``MomentumNet(memory_efficient=False)`` runs this."""
     kwargs = kwargs or {}
     for n, f in enumerate(functions):
-        g = evaluate(n, f, x, args, kwargs, residual)
-        v = v.mul(gamma).add(g, alpha=1 - gamma)
-        x = x + v
+        # The block's own output, then the rule's update as one graph node (``RuleStep``).
+        y = evaluate(n, f, x, args, kwargs, residual=True)
+        x, v = RuleStep.apply(x, v, y, gamma, residual)
     return x, v
