@@ -25,10 +25,11 @@ counted as ``ARITHMETIC_FLOPS`` per element of the state.  FLOPs are counted by
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -374,6 +375,113 @@ def _simulate(choice: Sequence[Option], gaps: _Timeline) -> int:
     return _then(phases).peak
 
 
+@contextlib.contextmanager
+def _state_kept(model: nn.Module) -> Iterator[None]:
+    """Run training steps on ``model`` and leave no trace: buffers (BatchNorm statistics),
+    gradients and the random generators are as they were afterwards; meanwhile every step
+    starts without gradients, as after ``zero_grad()``."""
+    buffers = [b.clone() for b in model.buffers()]
+    grads = [p.grad for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.grad = g
+
+
+@dataclass
+class Measurements:
+    """What ``measure`` found: the traces of a step under each strategy, and the FLOPs; each
+    ``choose`` sets the model's stages for a budget without measuring again."""
+
+    stages: list[StageMeasure]
+    traces: dict[str, _Timeline]
+    modes: tuple[str, ...]
+    flops: float  # of one forward pass of the whole model
+    _scored: list | None = None
+
+    @property
+    def plain_peak(self) -> int:
+        return self.traces["autograd"].peak
+
+    def scored(self) -> list[tuple[int, float, int, tuple[Option, ...]]]:
+        """Every plan worth considering as ``(peak, extra FLOPs, index, options)``, by peak."""
+        if self._scored is None:
+            dense = math.prod(len(m.stage.momentum.functions) * len(self.modes) * 2
+                              for m in self.stages) <= _MAX_COMBINATIONS
+            options = [_options(i, m, self.traces, self.modes, dense)
+                       for i, m in enumerate(self.stages)]
+            gaps = self.traces["autograd"]  # the parts between stages, as plain autograd ran
+            self._scored = sorted(
+                (_simulate(choice, gaps), sum(o.extra_flops for o in choice), n, choice)
+                for n, choice in enumerate(itertools.product(*options)))
+        return self._scored
+
+    def choose(self, budget: int | float | str | None = None) -> Plan:
+        """Set the stages for ``budget`` (``None``: the least peak) and describe the plan."""
+        wanted = None if budget is None else parse_bytes(budget)
+        scored = self.scored()
+        least = scored[0][0]
+        if wanted is None:
+            peak, extra, _, choice = scored[0]
+        else:
+            fitting = [s for s in scored if s[0] <= wanted]
+            if not fitting:
+                raise ValueError(
+                    f"momres: plan: the budget {format_bytes(wanted)} is below the least peak "
+                    f"any plan reaches on this batch, {format_bytes(least)} ({least} bytes); "
+                    "raise the budget or lower the batch size.")
+            peak, extra, _, choice = min(fitting, key=lambda s: (s[1], s[0], s[2]))
+        step = 3 * self.flops
+        rows = []
+        for m, option in zip(self.stages, choice, strict=True):
+            m.stage.strategy, m.stage.checkpoint = option.strategy, option.checkpoint
+            own = 3 * (m.plain_flops + sum(m.block_flops))
+            rows.append(StagePlan(m.path, option.strategy, option.checkpoint,
+                                  option.forward.delta, option.backward.peak,
+                                  (own + option.extra_flops) / step))
+        return Plan(rows, peak, self.plain_peak, least, (step + extra) / step, wanted)
+
+
+def measure(model: nn.Module, *example_inputs, modes: Sequence[str] = EXACT_MODES,
+            **kwargs) -> Measurements:
+    """Trace one training step of ``model(*example_inputs, **kwargs)`` under each strategy of
+    ``modes`` (and plain autograd and checkpointing, always), count its FLOPs, and leave the
+    model as it was (see ``plan``)."""
+    modes = tuple(modes)
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"momres: plan: modes must be among {', '.join(MODES)}; got "
+                         f"{list(modes)!r}.")
+    found = momentum_stages(model)
+    if not found:
+        raise ValueError(f"momres: plan: {type(model).__name__} has no momentum stage; convert "
+                         "it first (momres.to_momentum, or a registry model m<name>).")
+    stages = [StageMeasure(path, stage) for path, stage in found.items()]
+    before = [(m.stage.strategy, m.stage.checkpoint) for m in stages]
+    traces: dict[str, _Timeline] = {}
+    try:
+        with _state_kept(model):
+            flops = _count_flops(model, example_inputs, kwargs, stages)
+            for mode in dict.fromkeys(["autograd", "checkpoint", *modes]):
+                _configure(stages, mode, checkpoint=mode != "autograd")
+                traces[mode] = _Timeline(_traced_step(model, example_inputs, kwargs, stages,
+                                                      by_block=mode == "autograd"))
+    finally:
+        for m, (strategy, checkpoint) in zip(stages, before, strict=True):
+            m.stage.strategy, m.stage.checkpoint = strategy, checkpoint
+    order = sorted(range(len(stages)), key=lambda i: traces["autograd"].at[f"f{i}"])
+    if order != list(range(len(stages))):
+        raise ValueError("momres: plan: the model runs its stages in another order than it "
+                         "holds them; such a model cannot be planned yet.")
+    return Measurements(stages, traces, modes, flops)
+
+
 def plan(model: nn.Module, *example_inputs, budget: int | float | str | None = None,
          modes: Sequence[str] = EXACT_MODES, verify: bool = True, **kwargs) -> Plan:
     """Measure the model's stages on the example batch and set how each runs, in place.
@@ -382,93 +490,24 @@ def plan(model: nn.Module, *example_inputs, budget: int | float | str | None = N
     tensor memory above what was in use before it, parameter gradients included); a budget in
     bytes (or ``"6GiB"``, ``"500MB"``): the fastest plan whose predicted peak fits it.  A budget
     below the least possible peak is an error that names that peak.  ``modes``: the strategies
-    to choose from (default: those with plain autograd's gradients; add ``"float"`` to allow
-    the float inverse).  ``verify``: trace one more step under the chosen plan and report its
-    peak (``plan.traced_peak``).  ``kwargs`` reach the model.
+    to choose from (default: those whose gradients are plain autograd's; add ``"float"`` to
+    allow the float inverse).  ``verify``: trace one more step under the chosen plan and report
+    its peak (``plan.traced_peak``).  ``kwargs`` reach the model; its output's floating tensors
+    give the loss (their mean squares).
 
-    Measuring runs a few training steps on the example batch, one under plain autograd among
-    them, so it needs that much memory; the model's parameters, gradients, buffers (BatchNorm
-    statistics) and the random generators are left as they were.
+    Measuring traces a few training steps on the example batch (CPU), one under plain autograd
+    among them, so it needs that much memory; the model's parameters, gradients, buffers
+    (BatchNorm statistics) and the random generators are left as they were.
     """
-    wanted = None if budget is None else parse_bytes(budget)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or "autograd" not in modes:
-        raise ValueError(f"momres: plan: modes must be among {', '.join(MODES)} and include "
-                         f"'autograd' (the reference); got {list(modes)!r}.")
-    found = momentum_stages(model)
-    if not found:
-        raise ValueError(f"momres: plan: {type(model).__name__} has no momentum stage; convert "
-                         "it first (momres.to_momentum, or a registry model m<name>).")
-    stages = [StageMeasure(path, stage) for path, stage in found.items()]
-    before = [(m.stage.strategy, m.stage.checkpoint) for m in stages]
-    buffers = [b.clone() for b in model.buffers()]
-    grads = [p.grad for p in model.parameters()]
-    traces: dict[str, _Timeline] = {}
-    try:
-        with torch.random.fork_rng(devices=[]):
-            total_flops = _count_flops(model, example_inputs, kwargs, stages)
-            for mode in dict.fromkeys(["autograd", "checkpoint", *modes]):
-                _configure(stages, mode, checkpoint=mode != "autograd")
-                traces[mode] = _Timeline(_traced_step(model, example_inputs, kwargs, stages,
-                                                      by_block=mode == "autograd"))
-    finally:
-        for m, (strategy, checkpoint) in zip(stages, before, strict=True):
-            m.stage.strategy, m.stage.checkpoint = strategy, checkpoint
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers, strict=True):
-                b.copy_(saved)
-        for p, g in zip(model.parameters(), grads, strict=True):
-            p.grad = g
-    # Stages run in the order of their marks; the parts between them come from the plain trace.
-    order = sorted(range(len(stages)), key=lambda i: traces["autograd"].at[f"f{i}"])
-    if order != list(range(len(stages))):
-        raise ValueError("momres: plan: the model runs its stages in another order than it "
-                         "holds them; such a model cannot be planned yet.")
-    gaps = traces["autograd"]
-    dense = math.prod(len(m.stage.momentum.functions) * len(modes) * 2 for m in stages) \
-        <= _MAX_COMBINATIONS
-    options = [_options(i, m, traces, modes, dense) for i, m in enumerate(stages)]
-    scored = sorted(
-        (_simulate(choice, gaps), sum(o.extra_flops for o in choice), n, choice)
-        for n, choice in enumerate(itertools.product(*options)))
-    least = scored[0][0]
-    if wanted is None:
-        peak, extra, _, choice = scored[0]
-    else:
-        fitting = [s for s in scored if s[0] <= wanted]
-        if not fitting:
-            raise ValueError(f"momres: plan: the budget {format_bytes(wanted)} is below the "
-                             f"least peak any plan reaches on this batch, {format_bytes(least)} "
-                             f"({least} bytes); raise the budget or lower the batch size.")
-        peak, extra, _, choice = min(fitting, key=lambda s: (s[1], s[0], s[2]))
-    plain_peak = traces["autograd"].peak
-    step = 3 * total_flops
-    rows = []
-    for m, option in zip(stages, choice, strict=True):
-        m.stage.strategy, m.stage.checkpoint = option.strategy, option.checkpoint
-        own = 3 * (m.plain_flops + sum(m.block_flops))
-        rows.append(StagePlan(m.path, option.strategy, option.checkpoint, option.forward.delta,
-                              option.backward.peak, (own + option.extra_flops) / step))
-    result = Plan(rows, peak, plain_peak, least, (step + extra) / step, wanted)
+    if budget is not None:
+        parse_bytes(budget)  # a bad budget is refused before anything is measured
+    result = measure(model, *example_inputs, modes=modes, **kwargs).choose(budget)
     if verify:
-        result.traced_peak = _verified_peak(model, example_inputs, kwargs, buffers)
+        result.traced_peak = traced_peak(model, *example_inputs, **kwargs)
     return result
 
 
-def _verified_peak(model: nn.Module, inputs: tuple, kwargs: dict,
-                   buffers: list[torch.Tensor]) -> int:
-    """The traced peak of one step as the model now runs, its state left as it was."""
-    grads = [p.grad for p in model.parameters()]
-    for p in model.parameters():
-        p.grad = None
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return memory.peak_bytes(lambda: _loss(model(*inputs, **kwargs)).backward(), "cpu")
-    finally:
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers, strict=True):
-                b.copy_(saved)
-        for p, g in zip(model.parameters(), grads, strict=True):
-            p.grad = g
-
-
+def traced_peak(model: nn.Module, *inputs, **kwargs) -> int:
+    """The traced peak of one training step as ``model`` now runs (its state left as it was)."""
+    with _state_kept(model):
+        return memory.peak_bytes(lambda: _loss(model(*inputs, **kwargs)).backward(), "cpu")
