@@ -114,11 +114,18 @@ class _Timeline:
         """The stretch from mark ``a`` to mark ``b``.  Marks with no allocation between them
         sit at the same place, so the order in which their hooks fired does not matter (the
         gradient of a stage's output is the gradient of the next stage's input)."""
-        start, end = self.at[a], self.at[b]
+        start, end = self.where(a), self.where(b)
         if end < start:
             raise RuntimeError(f"momres: plan: the step reached {b!r} before {a!r}.")
         return Phase(max(self.levels[start:end + 1]) - self.levels[start],
                      self.levels[end] - self.levels[start])
+
+    def where(self, label: str) -> int:
+        """Where mark ``label`` sits.  The gradient of an input that needs none never arrives
+        (a first stage fed the data itself): its backward runs to the end of the step."""
+        if label not in self.at and label[0] in "MD":
+            return self.at["stop"]
+        return self.at[label]
 
     @property
     def peak(self) -> int:
@@ -185,6 +192,12 @@ class Plan:
     time: float
     budget: int | None = None
     traced_peak: int | None = None
+
+    def apply(self, model: nn.Module) -> None:
+        """Run ``model``'s stages (found by path) as this plan says."""
+        stages = momentum_stages(model)
+        for row in self.stages:
+            stages[row.path].strategy, stages[row.path].checkpoint = row.strategy, row.checkpoint
 
     def __str__(self) -> str:
         rows = [("stage", "strategy", "first blocks", "stored", "working set", "time"),
