@@ -56,6 +56,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 def parse_bytes(value: int | float | str) -> int:
     """Bytes from ``value``: a number, or a string such as ``"6GiB"``, ``"500MB"``, ``"1e9"``."""
+    given = value
     if isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]*)\s*", value)
         unit = _UNITS.get(match.group(2).lower()) if match else None
@@ -70,13 +71,15 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 \
             or math.isinf(value):
         raise ValueError(f"momres: a memory budget must be a positive number of bytes, got "
-                         f"{value!r}.")
+                         f"{given!r}.")
     return int(value)
 
 
 def format_bytes(n: float) -> str:
-    """``n`` bytes in MiB or GiB, for people."""
-    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """``n`` bytes in KiB, MiB or GiB, for people."""
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if abs(n) >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 @dataclass(frozen=True)
