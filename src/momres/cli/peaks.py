@@ -65,13 +65,7 @@ class Model:
         if self.kind == "cifar":
             return create_model(self.name), ["layer1", "layer2", "layer3"]
         if self.kind == "vit":
-            if self.name == "vit_b_16":
-                model = torchvision.models.vit_b_16(weights=None)
-            else:  # a tiny one, for the quick mode
-                model = torchvision.models.VisionTransformer(
-                    image_size=self.size, patch_size=4, num_layers=4, num_heads=2,
-                    hidden_dim=16, mlp_dim=32, num_classes=5)
-            return model, ["encoder.layers"]
+            return getattr(torchvision.models, self.name)(weights=None), ["encoder.layers"]
         layer = lambda: nn.TransformerEncoderLayer(  # noqa: E731
             self.width, nhead=max(1, self.width // 64), dim_feedforward=4 * self.width,
             dropout=0.1, batch_first=True)
@@ -205,8 +199,7 @@ def models(quick: bool) -> list[tuple[Model, int]]:
     """The models, each with its number of timing rounds."""
     if quick:
         return [(Model("cifar", "resnet20", 4, 16, curve=True), 1),
-                (Model("vit", "tiny", 2, 16), 1),
-                (Model("transformer", "transformer", 2, 8, width=32, layers=6), 1)]
+                (Model("transformer", "transformer", 2, 8, width=32, layers=4), 1)]
     return [(Model("resnet", "resnet50", 16, 224), 2),
             (Model("resnet", "resnet101", 16, 224, curve=True), 2),
             (Model("resnet", "resnet152", 16, 224), 1),
@@ -269,7 +262,8 @@ def run(quick: bool, out: Path, rounds: int | None, resident: bool, only: list[s
         if only and model.name not in only:
             continue
         print(f"[bench] {model.label()}", flush=True)
-        results.append(measure_model(model, rounds or default_rounds, resident, budgets=5))
+        results.append(measure_model(model, rounds or default_rounds, resident,
+                                     budgets=3 if quick else 5))
         (out / "whole_model.json").write_text(json.dumps(
             {"results": results, "machine": machine(), "command": " ".join(sys.argv)},
             indent=2))
