@@ -263,7 +263,7 @@ def run(quick: bool, out: Path, rounds: int | None, resident: bool, only: list[s
             continue
         print(f"[bench] {model.label()}", flush=True)
         results.append(measure_model(model, rounds or default_rounds, resident,
-                                     budgets=3 if quick else 5))
+                                     budgets=3 if quick else 4))
         (out / "whole_model.json").write_text(json.dumps(
             {"results": results, "machine": machine(), "command": " ".join(sys.argv)},
             indent=2))
