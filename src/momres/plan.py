@@ -238,7 +238,7 @@ class _Marks:
     """Hooks that mark a step's trace at the boundaries of every stage and momentum block."""
 
     def __init__(self, stages: list[StageMeasure], by_block: bool) -> None:
-        self.handles, self.order, self.by_block = [], [], by_block
+        self.handles, self.seen = [], set()  # marks are set once: not again in a recompute
         for i, m in enumerate(stages):
             self.handles += [
                 m.stage.register_forward_pre_hook(self._hook(f"f{i}", input_grad=f"D{i}")),
@@ -253,9 +253,9 @@ class _Marks:
 
     def _hook(self, label: str, input_grad: str):
         def hook(module, args):
-            if not torch.is_grad_enabled() or label in self.order:
+            if not torch.is_grad_enabled() or label in self.seen:
                 return  # a recompute, or a block called under no_grad
-            self.order.append(label)
+            self.seen.add(label)
             memory.mark(label)
             x = args[0] if args else None
             if isinstance(x, torch.Tensor) and x.requires_grad:
@@ -264,9 +264,9 @@ class _Marks:
 
     def _output_hook(self, label: str, grad_label: str):
         def hook(module, args, out):
-            if not torch.is_grad_enabled() or label in self.order:
+            if not torch.is_grad_enabled() or label in self.seen:
                 return
-            self.order.append(label)
+            self.seen.add(label)
             memory.mark(label)
             if isinstance(out, torch.Tensor) and out.requires_grad:
                 out.register_hook(lambda _: memory.mark(grad_label))
