@@ -194,9 +194,13 @@ class MomentumNet(nn.Module):
                 x, v = self._memory_free(functions[:split], x, v, args, kwargs)
             x, v = momentum_rule(functions[split:], gamma, x, v, args, kwargs, self.residual)
         elif self.checkpoint_blocks:
-            for f in functions:  # the block's BatchNorm statistics are updated once
-                x, v = checkpointed(momentum_rule, f, [f], gamma, x, v, args, kwargs,
-                                    self.residual)
+            for n, f in enumerate(functions):  # the block's BatchNorm statistics updated once
+                if n == 0 and self.init_velocity is None:
+                    # v_0 = 0 is made again in the recompute rather than stored
+                    x, v = checkpointed(_from_rest, f, f, gamma, x, args, kwargs, self.residual)
+                else:
+                    x, v = checkpointed(momentum_rule, f, [f], gamma, x, v, args, kwargs,
+                                        self.residual)
         else:
             x, v = momentum_rule(functions, gamma, x, v, args, kwargs, self.residual)
         return (x, v) if return_velocity else x
@@ -285,3 +289,9 @@ def momentum_rule(
         v = v.mul(gamma).add(g, alpha=1 - gamma)
         x = x + v
     return x, v
+
+
+def _from_rest(f: nn.Module, gamma: float, x: torch.Tensor, args: tuple, kwargs: dict,
+               residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``momentum_rule`` over the one block ``f`` from ``(x, 0)``."""
+    return momentum_rule([f], gamma, x, torch.zeros_like(x), args, kwargs, residual)
