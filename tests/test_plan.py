@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 import momres
 from momres import Strategy, models
 from momres.cli import main
-from momres.convert import MEMORY_FREE_FROM, momentum_stages
+from momres.convert import MEMORY_FREE_FROM, MomentumStage, momentum_stages
 from momres.plan import measure, parse_bytes, traced_peak
 
 from helpers import gradients, relative_error
@@ -154,3 +155,16 @@ def test_plan_command(capsys):
     assert main(["plan", "--model", "mresnet20", "--batch-size", "2", "--image-size", "8",
                  "--budget", "1KiB"]) == 2
     assert "below the least peak" in capsys.readouterr().err
+
+
+def test_strategies_store_what_they_say():
+    """Per element of x: checkpointing stores (x, v) at each block but v = 0 at the first;
+    memory-free with the last blocks kept stores those blocks as autograd does."""
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    stage = MomentumStage({str(n): BasicBlock(8, 8) for n in range(4)}, 0.9)
+    stored = {}
+    for strategy in ("autograd", "checkpoint", "exact", Strategy("exact", keep_last=2)):
+        stage.strategy = strategy
+        stored[str(strategy)] = momres.activation_memory(stage, x) / x.numel()
+    assert stored["checkpoint"] == 4 + 8 * 3
+    assert stored["exact"] < stored["exact, keep_last=2"] < stored["autograd"]
