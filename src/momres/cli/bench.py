@@ -255,7 +255,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny settings, no peak memory (a smoke test)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, help="timing rounds for every case (default: "
-                        "7 for small cases, 3 for large ones, 1 with --quick)")
+                        "7 for small cases, 3 for large ones, 1 with --quick; with "
+                        "--whole-model, 0 measures the peaks only)")
     parser.add_argument("--no-peak", action="store_true",
                         help="skip the peak-memory measurements (one process each)")
     parser.add_argument("--budget-gib", type=float, default=16.0,

@@ -166,7 +166,9 @@ def measure_model(model: Model, rounds: int, resident: bool, budgets: int) -> di
             return lambda: (plans[name].apply(planned), step_time(planned, x))[1]
         return lambda: step_time(nets[name], x)
 
-    times = interleaved({name: timed(name) for name in peaks}, rounds)
+    # rounds = 0: peaks only (the step times are left out)
+    times = interleaved({name: timed(name) for name in peaks}, rounds) if rounds else \
+        {name: [math.nan] for name in peaks}
     records = []
     for name, peak in peaks.items():
         plan = plans.get(name)
@@ -262,7 +264,7 @@ def run(quick: bool, out: Path, rounds: int | None, resident: bool, only: list[s
         if only and model.name not in only:
             continue
         print(f"[bench] {model.label()}", flush=True)
-        results.append(measure_model(model, rounds or default_rounds, resident,
+        results.append(measure_model(model, default_rounds if rounds is None else rounds, resident,
                                      budgets=3 if quick else 4))
         (out / "whole_model.json").write_text(json.dumps(
             {"results": results, "machine": machine(), "command": " ".join(sys.argv)},
