@@ -254,7 +254,8 @@ class _Marks:
     def _hook(self, label: str, input_grad: str):
         def hook(module, args):
             if not torch.is_grad_enabled() or label in self.seen:
-                return  # a recompute, or a block called under no_grad
+                return  # a recompute, or a block called under no_grad (marks in the memory-free
+                # backward's recompute land after the marks used, and are not read)
             self.seen.add(label)
             memory.mark(label)
             x = args[0] if args else None
@@ -363,7 +364,13 @@ def _options(i: int, m: StageMeasure, traces: dict[str, _Timeline], modes: Seque
             recomputed = n_blocks - keep
             forward = [plain.span(f"f{i}", f"m{i}")]
             backward = [block_backward(n) for n in reversed(kept)]
-            if recomputed:
+            if recomputed and keep:
+                # With blocks kept, the velocity leaving the Function is used and its gradient
+                # comes back: its memory-free phases are those of a run that kept one block.
+                kept_one = traces[f"{mode}+1"]
+                forward.append(kept_one.span(f"m{i}", f"b{i}.{n_blocks - 1}"))
+                backward.append(kept_one.span(f"M{i}.{n_blocks - 1}", f"M{i}"))
+            elif recomputed:
                 forward.append(trace.span(f"m{i}", f"e{i}"))
                 backward.append(trace.span(f"B{i}", f"M{i}"))
             forward += [block_forward(n) for n in kept]
@@ -484,10 +491,14 @@ def measure(model: nn.Module, *example_inputs, modes: Sequence[str] = EXACT_MODE
     try:
         with _state_kept(model):
             flops = _count_flops(model, example_inputs, kwargs, stages)
-            for mode in dict.fromkeys(["autograd", "checkpoint", *modes]):
-                _configure(stages, mode, checkpoint=mode != "autograd")
-                traces[mode] = _Timeline(_traced_step(model, example_inputs, kwargs, stages,
-                                                      by_block=mode == "autograd"))
+            runs = [(m, Strategy(m)) for m in dict.fromkeys(["autograd", "checkpoint", *modes])]
+            runs += [(f"{m}+1", Strategy(m, keep_last=1)) for m in modes if Strategy(m).memory_free]
+            for name, strategy in runs:
+                _configure(stages, strategy, checkpoint=name != "autograd")
+                # Blocks are marked one by one where some run under autograd.
+                by_block = name == "autograd" or strategy.keep_last > 0
+                traces[name] = _Timeline(_traced_step(model, example_inputs, kwargs, stages,
+                                                      by_block))
     finally:
         for m, (strategy, checkpoint) in zip(stages, before, strict=True):
             m.stage.strategy, m.stage.checkpoint = strategy, checkpoint
