@@ -64,3 +64,17 @@ def test_recompute_floor_is_one_step_plus_a_forward_without_grad():
     assert floor_step_time(model, torch.randn(2, 3)) > 0
     assert calls == [False, True]  # the extra forward, then the training step
     assert model.weight.grad is not None
+
+
+def test_bench_whole_model_quick(tmp_path):
+    assert main(["bench", "--whole-model", "--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "whole_model.json").read_text())["results"]
+    assert len(results) == 2
+    for result in results:
+        by = {r["system"]: r for r in result["records"]}
+        assert {"plain", "checkpoint", "momres-default", "momres-least"} <= set(by)
+        assert by["plain"]["traced_peak_ratio"] == 1.0
+        assert by["momres-least"]["predicted_peak"] > 0 and by["momres-least"]["strategies"]
+    budgets = [r for r in results[0]["records"] if r["system"].startswith("momres-budget")]
+    assert budgets and all(r["predicted_peak"] <= r["budget"] for r in budgets)
+    assert (tmp_path / "whole_model_curve.png").stat().st_size > 0

@@ -32,7 +32,7 @@ def test_the_library_imports_nothing_from_the_commands():
 
 
 def test_commands_do_not_import_each_other():
-    commands = {"train", "demo", "bench", "experiments"}
+    commands = {"train", "demo", "bench", "plan", "experiments"}
     for path in (SRC / "cli").rglob("*.py"):
         mine = path.relative_to(SRC / "cli").parts[0].removesuffix(".py")
         others = {m for m in imported_modules(path) if m.split(".")[:2] == ["momres", "cli"]
@@ -42,6 +42,7 @@ def test_commands_do_not_import_each_other():
 
 def test_public_names():
     assert set(momres.__all__) >= {"MomentumNet", "ReversibleStage", "to_momentum",
-                                   "activation_memory", "memory", "models", "debug"}
+                                   "activation_memory", "memory", "models", "debug", "plan",
+                                   "Strategy"}
     assert momres.memory.activation_memory is momres.activation_memory
     assert callable(momres.memory.peak_bytes) and callable(momres.models.create_model)

@@ -24,7 +24,20 @@ from torchvision.models.vision_transformer import Encoder as VitEncoder
 
 from ._chain import ChainOptions, LinkSpec, convert_stack
 from ._replay import checkpointed
-from .momentum import MomentumNet
+from .momentum import MomentumNet, Strategy
+
+#: The default runs a stage memory-free from this many momentum blocks on, and checkpoints it
+#: per block below: a memory-free stage's backward holds a working set of several activations
+#: (the rebuilt state, the gradients, one block's graph), which only a deep enough stage's
+#: savings repay, so that the step's peak never rises above plain autograd's.
+MEMORY_FREE_FROM = 6
+
+
+def default_strategy(blocks: int, exact: bool = True) -> Strategy:
+    """The strategy ``to_momentum`` gives a stage of ``blocks`` momentum blocks."""
+    if blocks >= MEMORY_FREE_FROM:
+        return Strategy("exact" if exact else "float")
+    return Strategy("checkpoint")
 
 
 class MomentumStage(nn.Sequential):
@@ -37,7 +50,8 @@ class MomentumStage(nn.Sequential):
 
     With ``checkpoint=True`` the plain blocks are recomputed in the backward pass
     (``torch.utils.checkpoint``, non-reentrant, BatchNorm statistics updated once) instead of
-    storing their activations.
+    storing their activations.  ``strategy`` (``momres.Strategy`` or a mode name; default: as
+    ``memory_efficient`` and ``exact``) is how the momentum blocks run: ``stage.strategy``.
 
     ``stage(x, *args, **kwargs)`` passes ``args``/``kwargs`` to every block.
     """
@@ -51,6 +65,7 @@ class MomentumStage(nn.Sequential):
         memory_efficient: bool = True,
         exact: bool = True,
         checkpoint: bool = False,
+        strategy: Strategy | str | None = None,
     ) -> None:
         super().__init__(OrderedDict(blocks))
         if not 0 <= plain < len(self):
@@ -60,11 +75,25 @@ class MomentumStage(nn.Sequential):
             )
         self.plain = plain
         self.checkpoint = checkpoint
+        if strategy is not None:
+            memory_efficient = Strategy.of(strategy).memory_free
         momentum = MomentumNet(
             list(self._modules.values())[plain:], gamma, residual=False,
             memory_efficient=memory_efficient, exact=exact,
         )
+        if strategy is not None:
+            momentum.strategy = strategy
         object.__setattr__(self, "momentum", momentum)  # not registered: see the docstring
+
+    @property
+    def strategy(self) -> Strategy:
+        """How the momentum blocks run (``momres.Strategy``); ``checkpoint`` is how the plain
+        blocks do."""
+        return self.momentum.strategy
+
+    @strategy.setter
+    def strategy(self, value: Strategy | str) -> None:
+        self.momentum.strategy = value
 
     @property
     def gamma(self) -> float:
@@ -208,6 +237,12 @@ def _convert(module: nn.Module, path: str, gamma: float, plain: int, options: di
         isinstance(module, nn.ModuleList) and any(hasattr(b, "momres_link") for b in module)
     ):
         raise ValueError(f"momres: stage {path!r} is already a momentum stage.")
+    if options["strategy"] is None and options["memory_efficient"] and gamma != 0:
+        # (at gamma = 0, memory_efficient=True is refused by MomentumNet, as everywhere)
+        blocks = module.layers if isinstance(module, nn.TransformerEncoder) else module
+        if isinstance(blocks, nn.Sequential | nn.ModuleList):
+            options = {**options, "strategy": default_strategy(len(blocks) - plain,
+                                                               options["exact"])}
     if isinstance(module, nn.TransformerEncoder):
         return MomentumTransformerEncoder(module, gamma, plain=plain, **options)
     if isinstance(module, nn.Sequential):
@@ -232,6 +267,7 @@ def to_momentum(
     stages: Sequence[str] | None = None,
     keep_first: bool = True,
     checkpoint: bool | None = None,
+    strategy: Strategy | str | None = None,
 ) -> nn.Module:
     """A Momentum ResNet twin of ``model``: a deep copy, ``model`` itself is left untouched.
 
@@ -250,7 +286,11 @@ def to_momentum(
     original function.  Parameter names do not change, so state dicts load both ways.
 
     Args:
-        gamma, memory_efficient, exact: as in ``MomentumNet``.
+        gamma, memory_efficient, exact: as in ``MomentumNet``.  With ``memory_efficient``
+            (and no ``strategy``), each stage runs by ``default_strategy``: memory-free (exact,
+            or float with ``exact=False``) from ``MEMORY_FREE_FROM`` momentum blocks on,
+            checkpointed per block below, so that the peak of a training step stays at or
+            below plain autograd's.  ``momres.plan`` chooses from measurements instead.
         stages: dotted paths of the stages to convert; ``None`` finds them.
         keep_first: run the first block of each ResNet stage, and of each stage named in
             ``stages``, as an ordinary block (in a ResNet it changes the shape, and is kept
@@ -278,7 +318,8 @@ def to_momentum(
         found = [(path, 1 if keep_first else 0) for path in stages]
     model = copy.deepcopy(model)
     checkpoint = memory_efficient if checkpoint is None else checkpoint
-    options = {"memory_efficient": memory_efficient, "exact": exact, "checkpoint": checkpoint}
+    options = {"memory_efficient": memory_efficient, "exact": exact, "checkpoint": checkpoint,
+               "strategy": strategy}
     for path, plain in found:
         try:
             module = model.get_submodule(path)

@@ -79,6 +79,24 @@ def peak_bytes(step: Callable[[], Any], device: str | torch.device | None = None
         return max(0, torch.cuda.max_memory_allocated(device) - before)
     if device.type != "cpu":
         raise ValueError(f"momres: peak_bytes measures cpu and cuda, not {device.type}.")
+    sizes = (e for e in allocation_trace(step) if isinstance(e, int))
+    return max(0, max(accumulate(sizes), default=0))
+
+
+#: Prefix of the profiler ranges that ``mark`` records.
+_MARK = "momres.mark:"
+
+
+def mark(label: str) -> None:
+    """Record ``label`` at this point of an ``allocation_trace`` (nothing when not tracing)."""
+    with torch.profiler.record_function(_MARK + label):
+        pass
+
+
+def allocation_trace(step: Callable[[], Any]) -> list[int | str]:
+    """Every tensor allocation (bytes, positive) and free (negative) of this thread on the CPU
+    while ``step()`` runs, in order, with the labels of the ``mark`` calls made meanwhile in
+    their places: the timeline behind ``peak_bytes`` (and ``momres.plan``)."""
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                   profile_memory=True)
     with _silenced_stderr():  # kineto prints a line at every start and stop
@@ -88,9 +106,11 @@ def peak_bytes(step: Callable[[], Any], device: str | torch.device | None = None
     finally:
         with _silenced_stderr():
             prof.stop()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    return max(0, max(accumulate(e.nbytes() for e in events), default=0))
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" or e.name().startswith(_MARK)]
+    events.sort(key=lambda e: e.start_ns())
+    return [e.nbytes() if e.name() == "[memory]" else e.name().removeprefix(_MARK)
+            for e in events]
 
 
 @contextlib.contextmanager

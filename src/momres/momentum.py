@@ -14,6 +14,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
@@ -21,7 +22,59 @@ from torch import nn
 
 from . import _exact
 from ._recompute import build_stage, evaluate
+from ._replay import checkpointed
 from ._rule import MomentumFunction, Rule, RuleStep
+
+#: How a momentum stage can be executed (``Strategy.mode``).
+MODES = ("autograd", "checkpoint", "exact", "float")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a momentum stage is executed; never what it computes.
+
+    ``mode``: ``"autograd"`` stores every activation; ``"checkpoint"`` stores ``(x, v)`` at
+    each block's input and recomputes the block in the backward pass (``torch.utils.
+    checkpoint``, BatchNorm statistics updated once); ``"exact"`` and ``"float"`` are the
+    memory-free backward, inverting in fixed point or in floating point.  ``keep_last`` (the
+    memory-free modes only): the last ``keep_last`` blocks run under plain autograd instead,
+    storing their activations and skipping their recompute.
+
+        stage.strategy = "checkpoint"
+        stage.strategy = Strategy("exact", keep_last=2)
+    """
+
+    mode: str = "exact"
+    keep_last: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"momres: unknown strategy {self.mode!r}; choose one of "
+                             f"{', '.join(MODES)}.")
+        if isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int) \
+                or self.keep_last < 0:
+            raise ValueError(f"momres: keep_last must be an integer >= 0, got {self.keep_last!r}.")
+        if self.keep_last and not self.memory_free:
+            raise ValueError(f"momres: keep_last applies to the memory-free strategies (exact, "
+                             f"float), not to {self.mode!r}, which stores or recomputes every "
+                             "block.")
+
+    @classmethod
+    def of(cls, value: Strategy | str) -> Strategy:
+        """``value`` itself, or the strategy its mode names."""
+        if isinstance(value, Strategy):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        raise TypeError(f"momres: a strategy is a Strategy or one of {', '.join(MODES)}, "
+                        f"not {type(value).__name__}.")
+
+    @property
+    def memory_free(self) -> bool:
+        return self.mode in ("exact", "float")
+
+    def __str__(self) -> str:
+        return self.mode + (f", keep_last={self.keep_last}" if self.keep_last else "")
 
 
 class MomentumNet(nn.Module):
@@ -40,6 +93,8 @@ class MomentumNet(nn.Module):
             ``False`` is plain autograd through the same rule.
         exact: rebuild activations bit-exactly with fixed-point arithmetic; ``False``
             inverts in floating point (faster, but the error grows like ``gamma**-depth``).
+            Both flags are views of ``self.strategy`` (``Strategy``), which also offers
+            checkpointing per block and memory-free with the last blocks stored.
         init_velocity: ``None`` for ``v_0 = 0``, or a module ``phi`` with ``v_0 = phi(x_0)``.
         frac_bits: fractional bits of the exact fixed-point state; values must stay below
             ``2**(52 - frac_bits)`` in magnitude.  ``None``: 30 (range +-4.2e6) for float32
@@ -84,6 +139,8 @@ class MomentumNet(nn.Module):
         self.residual = residual
         self.memory_efficient = memory_efficient
         self.exact = exact
+        self.checkpoint_blocks = False  # without memory_efficient: "checkpoint", else "autograd"
+        self.keep_last = 0  # with memory_efficient: blocks at the end run under plain autograd
         self.init_velocity = init_velocity
         self.frac_bits = frac_bits
 
@@ -93,10 +150,29 @@ class MomentumNet(nn.Module):
         num, den = self.gamma_fraction
         return num / den
 
+    @property
+    def strategy(self) -> Strategy:
+        """How the stage runs in training (``Strategy``); ``memory_efficient`` and ``exact``
+        are views of it.  Assign a ``Strategy`` or a mode name to change it."""
+        if self.memory_efficient:
+            return Strategy("exact" if self.exact else "float", self.keep_last)
+        return Strategy("checkpoint" if self.checkpoint_blocks else "autograd")
+
+    @strategy.setter
+    def strategy(self, value: Strategy | str) -> None:
+        value = Strategy.of(value)
+        if value.memory_free and self.gamma == 0:
+            raise ValueError(f"momres: gamma=0 is not invertible: strategy {value.mode!r} "
+                             "cannot run; use 'autograd' or 'checkpoint'.")
+        self.memory_efficient = value.memory_free
+        if value.memory_free:
+            self.exact = value.mode == "exact"
+        self.checkpoint_blocks = value.mode == "checkpoint"
+        self.keep_last = value.keep_last
+
     def extra_repr(self) -> str:
         num, den = self.gamma_fraction
-        return (f"gamma={num}/{den}, residual={self.residual}, "
-                f"memory_efficient={self.memory_efficient}, exact={self.exact}")
+        return (f"gamma={num}/{den}, residual={self.residual}, strategy={self.strategy}")
 
     def forward(
         self, x: torch.Tensor, *args, return_velocity: bool = False, **kwargs
@@ -109,11 +185,24 @@ class MomentumNet(nn.Module):
                 f"momres: init_velocity maps x of shape {tuple(x.shape)} to {tuple(v.shape)}; "
                 "the initial velocity must have the shape of x."
             )
-        if self.memory_efficient and torch.is_grad_enabled():
-            x, v = self._memory_free(x, v, args, kwargs)
+        functions, gamma = list(self.functions), self.gamma
+        if not torch.is_grad_enabled():
+            x, v = momentum_rule(functions, gamma, x, v, args, kwargs, self.residual)
+        elif self.memory_efficient:
+            split = len(functions) - min(self.keep_last, len(functions))
+            if split:
+                x, v = self._memory_free(functions[:split], x, v, args, kwargs)
+            x, v = momentum_rule(functions[split:], gamma, x, v, args, kwargs, self.residual)
+        elif self.checkpoint_blocks:
+            for n, f in enumerate(functions):  # the block's BatchNorm statistics updated once
+                if n == 0 and self.init_velocity is None:
+                    # v_0 = 0 is made again in the recompute rather than stored
+                    x, v = checkpointed(_from_rest, f, f, gamma, x, args, kwargs, self.residual)
+                else:
+                    x, v = checkpointed(momentum_rule, f, [f], gamma, x, v, args, kwargs,
+                                        self.residual)
         else:
-            x, v = momentum_rule(list(self.functions), self.gamma, x, v, args, kwargs,
-                                 self.residual)
+            x, v = momentum_rule(functions, gamma, x, v, args, kwargs, self.residual)
         return (x, v) if return_velocity else x
 
     # torch.compile must not trace into the memory-free Function: its exact arithmetic needs
@@ -121,13 +210,12 @@ class MomentumNet(nn.Module):
     # multiplications by reciprocals), and its forward is not a graph of differentiable ops.
     # The stage is a graph break; what surrounds it is compiled as usual.
     @torch.compiler.disable
-    def _memory_free(self, x: torch.Tensor, v: torch.Tensor, args: tuple, kwargs: dict
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        stage, params, tensors = build_stage(list(self.functions), self.residual, args, kwargs)
+    def _memory_free(self, functions: list[nn.Module], x: torch.Tensor, v: torch.Tensor,
+                     args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        stage, params, tensors = build_stage(functions, self.residual, args, kwargs)
         if not (x.requires_grad or v.requires_grad or params
                 or any(t.requires_grad for t in tensors)):
-            return momentum_rule(list(self.functions), self.gamma, x, v, args, kwargs,
-                                 self.residual)
+            return momentum_rule(functions, self.gamma, x, v, args, kwargs, self.residual)
         rule = Rule(*self.gamma_fraction, self.exact,
                     self.frac_bits or _exact.default_frac_bits(x.dtype))
         return MomentumFunction.apply(stage, rule, x, v, *params, *tensors)
@@ -201,3 +289,9 @@ def momentum_rule(
         y = evaluate(n, f, x, args, kwargs, residual=True)
         x, v = RuleStep.apply(x, v, y, gamma, residual)
     return x, v
+
+
+def _from_rest(f: nn.Module, gamma: float, x: torch.Tensor, args: tuple, kwargs: dict,
+               residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``momentum_rule`` over the one block ``f`` from ``(x, 0)``."""
+    return momentum_rule([f], gamma, x, torch.zeros_like(x), args, kwargs, residual)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 COMMANDS = {
     "demo": "demo",
     "bench": "bench",
+    "plan": "plan",
     "train": "train",
     "experiment": "experiments",
 }

@@ -43,6 +43,7 @@ from ..convert import to_momentum
 from ..memory import MIB, activation_memory, peak_resident_bytes
 from ..models import create_model
 from ..timing import floor_step_time, interleaved, step_time
+from . import peaks
 
 #: system -> its plain-autograd twin, whose step time it is divided by (default "plain").
 TWIN = {"revnet": "revnet-plain", "revnet-plain": "revnet-plain",
@@ -266,11 +267,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny settings, no peak memory (a smoke test)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, help="timing rounds for every case (default: "
-                        "7 for small cases, 3 for large ones, 1 with --quick)")
+                        "7 for small cases, 3 for large ones, 1 with --quick; with "
+                        "--whole-model, 0 measures the peaks only)")
     parser.add_argument("--no-peak", action="store_true",
                         help="skip the peak-memory measurements (one process each)")
     parser.add_argument("--budget-gib", type=float, default=16.0,
                         help="memory budget for the largest-batch estimate (default 16)")
+    parser.add_argument("--whole-model", action="store_true",
+                        help="whole-model peaks instead: torchvision ResNet-50/101/152, ViT-B/16, "
+                        "CIFAR ResNet-110 and a transformer under plain autograd, checkpointing, "
+                        "momres' default and its least-peak plan (CPU)")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help="with --whole-model: only these (resnet50, resnet101, resnet152, "
+                        "vit_b_16, resnet110, transformer)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
 
 
@@ -282,6 +291,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise OSError(f"momres: bench cannot create the output folder {args.out}: {error}"
                       ) from None
+    if args.whole_model:
+        if args.device != "cpu":
+            raise ValueError("momres: bench --whole-model measures on the CPU only.")
+        peaks.run(args.quick, args.out, args.rounds, resident=not (args.no_peak or args.quick),
+                  only=args.models)
+        return 0
     cases = plan(args.quick)
     systems, notes = available_systems()
     for note in notes:

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from torch import nn
 
 from ..convert import to_momentum
+from ..momentum import Strategy
 
 #: The options every momentum model takes beside those of its plain twin (``to_momentum``'s).
-MOMENTUM_OPTIONS = ("gamma", "memory_efficient", "exact", "checkpoint")
+MOMENTUM_OPTIONS = ("gamma", "memory_efficient", "exact", "checkpoint", "strategy")
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _OPTIONS: dict[str, tuple[str, ...]] = {}
@@ -42,13 +43,15 @@ def register_pair(name: str, build: Callable[..., nn.Module]) -> None:
     """Register the plain model ``name`` and its momentum twin ``m<name>``.
 
     ``build(**kwargs)`` makes the plain model; the twin is ``to_momentum`` of it and takes
-    ``build``'s options plus ``gamma``, ``memory_efficient``, ``exact`` and ``checkpoint``.
+    ``build``'s options plus ``gamma``, ``memory_efficient``, ``exact``, ``checkpoint`` and
+    ``strategy``.
     """
 
     def momentum(*, gamma: float = 0.9, memory_efficient: bool = True, exact: bool = True,
-                 checkpoint: bool | None = None, **kwargs) -> nn.Module:
+                 checkpoint: bool | None = None, strategy: Strategy | str | None = None,
+                 **kwargs) -> nn.Module:
         return to_momentum(build(**kwargs), gamma, memory_efficient=memory_efficient,
-                           exact=exact, checkpoint=checkpoint)
+                           exact=exact, checkpoint=checkpoint, strategy=strategy)
 
     register_model(name, build)
     register_model(f"m{name}", momentum, _keywords(build) + MOMENTUM_OPTIONS)
@@ -72,7 +75,8 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
     Every model accepts ``num_classes`` and ``in_channels`` (3); the ImageNet family also
     ``stem``; momentum models (``m...``) the options of ``to_momentum``: ``gamma`` (0.9),
-    ``memory_efficient`` (True), ``exact`` (True) and ``checkpoint`` (default: as
+    ``memory_efficient`` (True), ``exact`` (True), ``strategy`` (default: per stage, see
+    ``to_momentum``) and ``checkpoint`` (default: as
     ``memory_efficient``); RevNets ``memory_efficient``.  An option a model does not take is a
     ``TypeError`` (``model_options(name)`` lists those it does).
     """

@@ -1,0 +1,170 @@
+"""Execution strategies, the default per stage, and momres.plan: memory changes, never results."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+import momres
+from momres import Strategy, models
+from momres.cli import main
+from momres.convert import MEMORY_FREE_FROM, MomentumStage, momentum_stages
+from momres.plan import measure, parse_bytes, traced_peak
+
+from helpers import gradients, relative_error
+
+STRATEGIES = ["autograd", "checkpoint", "exact", "float", Strategy("exact", keep_last=1),
+              Strategy("float", keep_last=2), Strategy("exact", keep_last=9)]
+
+
+def small_model(name: str = "mresnet20") -> nn.Module:
+    torch.manual_seed(0)
+    return models.create_model(name, num_classes=4).double()
+
+
+def run_as(model: nn.Module, strategy, checkpoint: bool) -> nn.Module:
+    model = copy.deepcopy(model)
+    for stage in momentum_stages(model).values():
+        stage.strategy, stage.checkpoint = strategy, checkpoint
+    return model
+
+
+def batchnorm_statistics(model: nn.Module) -> list[torch.Tensor]:
+    return [b for name, b in model.named_buffers() if "running" in name]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
+def test_every_strategy_gives_plain_autograds_gradients_and_statistics(strategy):
+    model = small_model()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    reference = run_as(model, "autograd", checkpoint=False)
+    expected = gradients(reference, x)
+    for checkpoint in (False, True):
+        candidate = run_as(model, strategy, checkpoint)
+        got = gradients(candidate, x)
+        tolerance = 1e-5 if "float" in str(strategy) else 1e-10
+        assert relative_error(got, expected) <= tolerance
+        # One training step updates the BatchNorm statistics once, as plain autograd does.
+        stats = batchnorm_statistics(candidate)
+        assert relative_error(stats, batchnorm_statistics(reference)) <= tolerance
+        assert all(s.num_batches_tracked == 1 for s in candidate.modules()
+                   if isinstance(s, nn.BatchNorm2d))
+
+
+def test_strategy_api_and_the_flags_it_maps():
+    stage = momentum_stages(small_model())["layer1"]
+    stage.strategy = "float"
+    assert stage.momentum.memory_efficient and not stage.momentum.exact
+    stage.strategy = Strategy("exact", keep_last=1)
+    assert str(stage.strategy) == "exact, keep_last=1" and stage.momentum.exact
+    stage.strategy = "checkpoint"
+    assert not stage.momentum.memory_efficient and stage.strategy == Strategy("checkpoint")
+    stage.momentum.memory_efficient = True  # the flags remain, and are views of the strategy
+    assert stage.strategy == Strategy("exact")
+    with pytest.raises(ValueError, match="unknown strategy 'fast'"):
+        stage.strategy = "fast"
+    with pytest.raises(ValueError, match="keep_last applies to the memory-free"):
+        Strategy("checkpoint", keep_last=1)
+    with pytest.raises(ValueError, match="keep_last must be an integer >= 0"):
+        Strategy("exact", keep_last=-1)
+    with pytest.raises(TypeError, match="a strategy is a Strategy"):
+        stage.strategy = 3
+    plain = momres.to_momentum(torch.nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 0.0,
+                               stages=[""], keep_first=False, memory_efficient=False)
+    with pytest.raises(ValueError, match="gamma=0 is not invertible"):
+        plain.strategy = "exact"
+    converted = momres.to_momentum(models.create_model("resnet56"), strategy="float")
+    assert {str(s.strategy) for s in momentum_stages(converted).values()} == {"float"}
+
+
+def test_default_checkpoints_shallow_stages_and_frees_deep_ones():
+    for name, depth in (("mresnet20", 2), ("mresnet110", 17)):
+        stages = momentum_stages(models.create_model(name))
+        expected = "exact" if depth >= MEMORY_FREE_FROM else "checkpoint"
+        assert {s.strategy.mode for s in stages.values()} == {expected}
+        assert all(s.checkpoint for s in stages.values())
+    float_model = models.create_model("mresnet110", exact=False)
+    assert {s.strategy.mode for s in momentum_stages(float_model).values()} == {"float"}
+    plain = models.create_model("mresnet110", memory_efficient=False)
+    assert {s.strategy.mode for s in momentum_stages(plain).values()} == {"autograd"}
+
+
+@pytest.mark.parametrize("name", models.list_models("mresnet*"))
+def test_default_never_peaks_above_plain_autograd(name):
+    """Every registry momentum model (torchvision's ResNet-18 to 152 among them), small input."""
+    size = 16 if name.removeprefix("mresnet") in ("20", "32", "44", "56", "110") else 64
+    x = torch.randn(2, 3, size, size)
+    torch.manual_seed(0)
+    plain = models.create_model(name.removeprefix("m"))
+    torch.manual_seed(0)
+    default = models.create_model(name)
+    assert traced_peak(default, x) <= traced_peak(plain, x)
+
+
+def test_plan_least_peak_matches_trace_and_keeps_gradients():
+    model = small_model("mresnet32").float()
+    x = torch.randn(8, 3, 16, 16)
+    before = [b.clone() for b in model.buffers()]
+    plan = momres.plan(model, x)
+    # Planning leaves the model's statistics as they were.
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True))
+    assert plan.peak <= plan.plain_peak and plan.least_peak == plan.peak
+    assert abs(plan.traced_peak - plan.peak) <= 0.15 * plan.traced_peak
+    text = str(plan)
+    assert "layer1" in text and "working set" in text and "predicted peak" in text
+    planned = model.double()
+    reference = run_as(planned, "autograd", checkpoint=False)
+    x64 = x.double()
+    assert relative_error(gradients(planned, x64), gradients(reference, x64)) <= 1e-10
+
+
+def test_budget_plans_fit_are_deterministic_and_bad_budgets_are_clear_errors():
+    model = small_model("mresnet32").float()
+    x = torch.randn(8, 3, 16, 16)
+    measured = measure(model, x)
+    least = measured.choose()
+    budget = (least.peak + measured.plain_peak) // 2
+    first = measured.choose(budget)
+    again = measure(model, x).choose(budget)  # measured anew: the same plan
+    assert [(s.strategy, s.checkpoint) for s in first.stages] == \
+        [(s.strategy, s.checkpoint) for s in again.stages]
+    assert first.peak == again.peak <= budget and first.time <= least.time
+    assert abs(traced_peak(model, x) - first.peak) <= 0.15 * first.peak
+    with pytest.raises(ValueError, match=f"least peak.*{least.peak} bytes"):
+        measured.choose(least.peak - 1)
+    for bad in (-1, 0, "lots", "3 parsecs", float("nan"), True):
+        with pytest.raises(ValueError, match="momres: .*budget"):
+            momres.plan(model, x, budget=bad)
+    assert parse_bytes("6GiB") == 6 * 2**30 and parse_bytes("500MB") == 500 * 10**6
+    assert parse_bytes(" 1.5 kib ") == 1536 and parse_bytes(4096) == 4096
+
+
+def test_plan_of_a_model_without_stages_is_refused():
+    with pytest.raises(ValueError, match="no momentum stage"):
+        momres.plan(models.create_model("resnet20"), torch.randn(2, 3, 8, 8))
+
+
+def test_plan_command(capsys):
+    assert main(["plan", "--model", "mresnet20", "--batch-size", "2", "--image-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "layer3" in out and "predicted peak" in out and "traced peak" in out
+    assert main(["plan", "--model", "mresnet20", "--batch-size", "2", "--budget", "-1"]) == 2
+    assert "positive number of bytes" in capsys.readouterr().err
+    assert main(["plan", "--model", "mresnet20", "--batch-size", "2", "--image-size", "8",
+                 "--budget", "1KiB"]) == 2
+    assert "below the least peak" in capsys.readouterr().err
+
+
+def test_strategies_store_what_they_say():
+    """Per element of x: checkpointing stores (x, v) at each block but v = 0 at the first;
+    memory-free with the last blocks kept stores those blocks as autograd does."""
+    x = torch.randn(2, 8, 8, 8, requires_grad=True)
+    stage = MomentumStage({str(n): BasicBlock(8, 8) for n in range(4)}, 0.9)
+    stored = {}
+    for strategy in ("autograd", "checkpoint", "exact", Strategy("exact", keep_last=2)):
+        stage.strategy = strategy
+        stored[str(strategy)] = momres.activation_memory(stage, x) / x.numel()
+    assert stored["checkpoint"] == 4 + 8 * 3
+    assert stored["exact"] < stored["exact, keep_last=2"] < stored["autograd"]
