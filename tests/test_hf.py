@@ -419,3 +419,18 @@ def test_lm_experiment_runs_at_a_tiny_size(tmp_path):
     assert abs(m["momentum_val_loss"] / m["plain_val_loss"] - 1) < 0.1
     assert m["momentum_peak_mib"] < m["plain_peak_mib"]
     assert m["retrofit_val_loss_at_conversion"] > 0
+
+
+def test_strategies_of_a_layer_stack():
+    """A chain runs memory-free (exact or float) or under autograd; the per-block strategies
+    of ``nn.Sequential`` stages that it cannot honour are refused, not ignored."""
+    model = tiny("gpt2")
+    (options,) = momentum_chains(momres.to_momentum(model, strategy="float")).values()
+    assert (options.memory_efficient, options.exact) == (True, False)
+    (options,) = momentum_chains(momres.to_momentum(model, strategy="autograd")).values()
+    assert not options.memory_efficient
+    (options,) = momentum_chains(momres.to_momentum(model)).values()
+    assert (options.memory_efficient, options.exact) == (True, True)  # whatever its depth
+    for strategy in ("checkpoint", momres.Strategy("exact", keep_last=1)):
+        with pytest.raises(ValueError, match="not available for a layer stack"):
+            momres.to_momentum(model, strategy=strategy)

@@ -232,11 +232,35 @@ def _candidates(model: nn.Module) -> str:
     return "\n".join(lines) or "  (none: the model has no nn.Sequential or nn.ModuleList)"
 
 
+def _chain_options(options: dict) -> dict:
+    """``to_momentum``'s options for a chain, which runs its links memory-free (exact or float)
+    or under autograd: a transformer layer stores far more under autograd than the chain's
+    working set, so memory-free is its default whatever its depth."""
+    options = dict(options)
+    strategy = options.pop("strategy")
+    if strategy is not None:
+        strategy = Strategy.of(strategy)
+        if strategy.mode == "checkpoint" or strategy.keep_last:
+            raise ValueError(
+                f"momres: strategy {strategy} is not available for a layer stack that its parent "
+                "runs (an nn.ModuleList, converted into a chain of per-layer links); use "
+                "'exact', 'float' or 'autograd' there."
+            )
+        options["memory_efficient"] = strategy.memory_free
+        options["exact"] = strategy.mode != "float"
+    return options
+
+
 def _convert(module: nn.Module, path: str, gamma: float, plain: int, options: dict) -> nn.Module:
     if isinstance(module, MomentumStage | MomentumTransformerEncoder) or (
         isinstance(module, nn.ModuleList) and any(hasattr(b, "momres_link") for b in module)
     ):
         raise ValueError(f"momres: stage {path!r} is already a momentum stage.")
+    if isinstance(module, nn.ModuleList):
+        # The parent runs the blocks (loops, slices, per-layer arguments): each block becomes
+        # a link of a chain, in place (``_chain``).
+        convert_stack(module, gamma, plain, **_chain_options(options))
+        return module
     if options["strategy"] is None and options["memory_efficient"] and gamma != 0:
         # (at gamma = 0, memory_efficient=True is refused by MomentumNet, as everywhere)
         blocks = module.layers if isinstance(module, nn.TransformerEncoder) else module
@@ -247,11 +271,6 @@ def _convert(module: nn.Module, path: str, gamma: float, plain: int, options: di
         return MomentumTransformerEncoder(module, gamma, plain=plain, **options)
     if isinstance(module, nn.Sequential):
         return MomentumStage(module._modules, gamma, plain=plain, **options)
-    if isinstance(module, nn.ModuleList):
-        # The parent runs the blocks (loops, slices, per-layer arguments): each block becomes
-        # a link of a chain, in place (``_chain``).
-        convert_stack(module, gamma, plain, **options)
-        return module
     raise TypeError(
         f"momres: stage {path!r} is a {type(module).__name__}; a stage must be an "
         "nn.Sequential, an nn.ModuleList or an nn.TransformerEncoder."
