@@ -43,25 +43,45 @@ Key = str | tuple[str, int]
 _AUDITED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
+#: One parameter slot of a block: the ``_parameters`` dict of the (sub)module holding it, the
+#: name there, and what goes in it: a tensor, or the parameter's index in ``Stage.params``.
+Slot = tuple[dict, str, "int | torch.Tensor"]
+
+
 def evaluate(
     n: int, f: Callable, x: torch.Tensor, args: tuple, kwargs: dict, residual: bool,
-    params: dict[str, torch.Tensor] | None = None,
+    swaps: list[tuple[dict, str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """The residual branch ``g = f_n(x)`` (``f_n(x) - x`` for blocks with their own skip);
-    with ``params``, ``f`` runs with those tensors in place of its parameters."""
-    y = block_output(n, f, x, args, kwargs, params)
+    with ``swaps``, ``f`` runs with those tensors in place of its parameters."""
+    y = block_output(n, f, x, args, kwargs, swaps)
     return y if residual else y - x
 
 
 def block_output(
     n: int, f: Callable, x: torch.Tensor, args: tuple, kwargs: dict,
-    params: dict[str, torch.Tensor] | None = None,
+    swaps: list[tuple[dict, str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """``f_n(x)`` itself, checked to keep the shape of ``x``."""
-    if params is None:
+    """``f_n(x)`` itself, checked to keep the shape of ``x``; with ``swaps`` (``(parameter
+    dict, name, tensor)``: every slot of the block, ``Stage.block_slots``), ``f`` runs with
+    those tensors in its parameter slots, put back afterwards.
+
+    What ``torch.func.functional_call`` does with the block's parameter names, without its
+    per-call cost (resolving names, untying, swapping through ``setattr``): the slots are found
+    once per stage call, tied parameters (one tensor in several slots) included, and the
+    tensors go straight into the dicts, as BatchNorm's statistics do in ``frozen_batchnorm``.
+    """
+    if swaps is None:
         y = f(x, *args, **kwargs)
     else:
-        y = torch.func.functional_call(f, params, (x, *args), kwargs)
+        originals = [(slots, name, slots[name]) for slots, name, _ in swaps]
+        try:
+            for slots, name, t in swaps:
+                slots[name] = t
+            y = f(x, *args, **kwargs)
+        finally:
+            for slots, name, t in originals:
+                slots[name] = t
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(
@@ -82,6 +102,7 @@ class Stage:
     block_params: list[list[int]]  # per block: indices of its parameters in ``params``
     block_names: list[list[str]]  # per block: the names of those parameters in the block
     block_frozen: list[dict[str, torch.Tensor]]  # per block: its frozen parameters, by name
+    block_slots: list[list[Slot]]  # per block: every slot holding one of its parameters
     versions: list[tuple[torch.Tensor, int]]  # every parameter (frozen too), its version then
     arg_spec: pytree.TreeSpec
     arg_leaves: list[Any]  # flattened (args, kwargs); tensors replaced at call time
@@ -91,6 +112,14 @@ class Stage:
     @property
     def n_params(self) -> int:
         return len(self.params)
+
+    def swaps(self, n: int, leaves: dict[int, torch.Tensor] | list[torch.Tensor]
+              ) -> list[tuple[dict, str, torch.Tensor]]:
+        """Block ``n``'s slots with ``leaves[j]`` for trainable parameter ``j``; frozen ones
+        get the tensors the forward pass saw (``torch.func.functional_call`` by the user may
+        have swapped them too)."""
+        return [(slots, name, src if isinstance(src, torch.Tensor) else leaves[src])
+                for slots, name, src in self.block_slots[n]]
 
     def arguments(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple, dict]:
         """Rebuild ``(args, kwargs)`` with ``tensors`` in place of the tensor leaves."""
@@ -113,7 +142,7 @@ def build_stage(
     """The stage description, its trainable parameters and the tensors among the arguments."""
     params: list[torch.Tensor] = []
     index: dict[int, int] = {}
-    block_params, block_names, block_frozen, versions = [], [], [], []
+    block_params, block_names, block_frozen, block_slots, versions = [], [], [], [], []
     fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever sharded a block
     sharded = [fsdp is not None and isinstance(f, fsdp.FSDPModule) for f in functions]
     dtensor = fsdp and sys.modules["torch.distributed.tensor"].DTensor
@@ -136,11 +165,12 @@ def build_stage(
         block_params.append(mine)
         block_names.append(names)
         block_frozen.append(frozen)
+        block_slots.append([] if sharded[n] else _slots(f, index))
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
     audit = [not whole and f not in _AUDITED for f, whole in zip(functions, sharded, strict=True)]
     stage = Stage(functions, residual, params, block_params, block_names, block_frozen,
-                  versions, spec, leaves, audit, sharded)
+                  block_slots, versions, spec, leaves, audit, sharded)
     return stage, params, tensors
 
 
@@ -153,12 +183,16 @@ class Recorder:
         self.stage, self.device, self.arg_tensors = stage, device, arg_tensors
         self.args, self.kwargs = stage.arguments(arg_tensors)
         self.rng: dict[int, RngState] = {}
+        # The generators' state after the last block: the next block's state before it, as
+        # nothing between two blocks of a stage (the rule's arithmetic) draws random numbers.
+        self.rng_now: RngState | None = None
         self.reads: dict[int, set[Key]] = {}  # audited blocks: what their graph reaches
         ctx.stage, ctx.device, ctx.autocast = stage, device, AutocastState.capture(device)
 
     def __call__(self, n: int, x: torch.Tensor) -> torch.Tensor:
         """``g = f_n(x)``, as the backward pass will recompute it."""
-        f, before, version = self.stage.functions[n], RngState.capture(self.device), x._version
+        f, version = self.stage.functions[n], x._version
+        before = RngState.capture(self.device) if self.rng_now is None else self.rng_now
         # Without grad, attention would take fused kernels that the recompute (with grad)
         # cannot: both passes must compute the same numbers.
         with mha_fast_path_off():
@@ -168,7 +202,8 @@ class Recorder:
                 g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual)
         if x._version != version:
             raise _modified_input(n, f)
-        if before.differs_from(RngState.capture(self.device)):
+        self.rng_now = RngState.capture(self.device)
+        if before.differs_from(self.rng_now):
             self.rng[n] = before
         return g
 
@@ -178,9 +213,8 @@ class Recorder:
         stage = self.stage
         keys: dict[int, Key] = {}
         x_leaf = _leaf(x, "x", keys)
-        params = {**stage.block_frozen[n], **{
-            name: _leaf(stage.params[j], ("parameter", j), keys)
-            for name, j in zip(stage.block_names[n], stage.block_params[n], strict=True)}}
+        params = {j: _leaf(stage.params[j], ("parameter", j), keys)
+                  for j in stage.block_params[n]}
         args, kwargs = stage.arguments(tuple(
             _leaf(t, ("argument", k), keys) if t.requires_grad else t
             for k, t in enumerate(self.arg_tensors)))
@@ -188,7 +222,7 @@ class Recorder:
         # outer one (``activation_memory`` counts what the forward pass keeps for backward).
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_alias, _alias):
             try:
-                y = block_output(n, f, x_leaf, args, kwargs, params)
+                y = block_output(n, f, x_leaf, args, kwargs, stage.swaps(n, params))
             except RuntimeError as error:
                 if "leaf Variable that requires grad" in str(error):
                     raise _modified_input(n, f) from None
@@ -272,14 +306,10 @@ class Replayer:
         if self.stage.sharded[n]:
             return self._pull_sharded(n, x, cotangent, scale)
         f, indices = self.stage.functions[n], self.stage.block_params[n]
-        # Frozen parameters too: torch.func.functional_call may have swapped them as well.
-        params = {**self.stage.block_frozen[n],
-                  **{name: self.leaves[j]
-                     for name, j in zip(self.stage.block_names[n], indices, strict=True)}}
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
         ), frozen_batchnorm(f):
-            y = block_output(n, f, x, self.args, self.kwargs, params)
+            y = block_output(n, f, x, self.args, self.kwargs, self.stage.swaps(n, self.leaves))
             if n in self.reads:
                 self._audit(n, x, y)
         mine = [j for j in indices if self.param_needs[j]]
@@ -376,6 +406,18 @@ def reach(y: torch.Tensor, keys: dict[int, Key]) -> tuple[set[Key], list[torch.T
         todo.extend(child for child, _ in node.next_functions)
     found = {keys[id(t)] for t in leaves if id(t) in keys}
     return found, [t for t in leaves if id(t) not in keys]
+
+
+def _slots(f: nn.Module, index: dict[int, int]) -> list[Slot]:
+    """Every ``(parameter dict, name)`` of ``f`` holding a parameter, with its index in
+    ``Stage.params`` (``index``: by ``id``) or, for a frozen one, the tensor itself.  Modules
+    and parameters reached twice (tied weights) are all listed: each slot must be swapped."""
+    slots = []
+    for module in f.modules():  # each module once; a parameter in two of them twice
+        for name, p in module._parameters.items():
+            if p is not None:
+                slots.append((module._parameters, name, index.get(id(p), p)))
+    return slots
 
 
 def _leaf(t: torch.Tensor, key: Key, keys: dict[int, Key]) -> torch.Tensor:
