@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
 from ._replay import AutocastState, RngState, frozen_batchnorm, mha_fast_path_off, restored_rng
@@ -103,6 +104,7 @@ class Stage:
     block_names: list[list[str]]  # per block: the names of those parameters in the block
     block_frozen: list[dict[str, torch.Tensor]]  # per block: its frozen parameters, by name
     block_slots: list[list[Slot]]  # per block: every slot holding one of its parameters
+    block_norms: list[list[nn.Module] | None]  # per block: its BatchNorm layers (not sharded)
     versions: list[tuple[torch.Tensor, int]]  # every parameter (frozen too), its version then
     arg_spec: pytree.TreeSpec
     arg_leaves: list[Any]  # flattened (args, kwargs); tensors replaced at call time
@@ -142,15 +144,18 @@ def build_stage(
     """The stage description, its trainable parameters and the tensors among the arguments."""
     params: list[torch.Tensor] = []
     index: dict[int, int] = {}
-    block_params, block_names, block_frozen, block_slots, versions = [], [], [], [], []
+    block_params, block_names, block_frozen, block_slots, block_norms, versions = (
+        [], [], [], [], [], [])
     fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever sharded a block
     sharded = [fsdp is not None and isinstance(f, fsdp.FSDPModule) for f in functions]
     dtensor = fsdp and sys.modules["torch.distributed.tensor"].DTensor
     for n, f in enumerate(functions):
-        mine, names, frozen = [], [], {}
+        mine, names, frozen, slots, norms = [], [], {}, [], []
         # FSDP2 swaps its blocks' parameters between passes and reduces their gradients
         # itself: they are not inputs of the Function (``Replayer._pull_sharded``).
-        for name, p in ([] if sharded[n] else f.named_parameters()):
+        for name, p, slot in ([] if sharded[n] else _parameters(f, slots, norms)):
+            if not slot:
+                continue
             if dtensor and isinstance(p, dtensor):
                 raise _partly_sharded(n, f, name)
             versions.append((p, p._version))
@@ -165,12 +170,13 @@ def build_stage(
         block_params.append(mine)
         block_names.append(names)
         block_frozen.append(frozen)
-        block_slots.append([] if sharded[n] else _slots(f, index))
+        block_slots.append([(d, local, index.get(id(p), p)) for d, local, p in slots])
+        block_norms.append(None if sharded[n] else norms)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
     audit = [not whole and f not in _AUDITED for f, whole in zip(functions, sharded, strict=True)]
     stage = Stage(functions, residual, params, block_params, block_names, block_frozen,
-                  block_slots, versions, spec, leaves, audit, sharded)
+                  block_slots, block_norms, versions, spec, leaves, audit, sharded)
     return stage, params, tensors
 
 
@@ -308,7 +314,7 @@ class Replayer:
         f, indices = self.stage.functions[n], self.stage.block_params[n]
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
-        ), frozen_batchnorm(f):
+        ), frozen_batchnorm(f, self.stage.block_norms[n]):
             y = block_output(n, f, x, self.args, self.kwargs, self.stage.swaps(n, self.leaves))
             if n in self.reads:
                 self._audit(n, x, y)
@@ -408,16 +414,22 @@ def reach(y: torch.Tensor, keys: dict[int, Key]) -> tuple[set[Key], list[torch.T
     return found, [t for t in leaves if id(t) not in keys]
 
 
-def _slots(f: nn.Module, index: dict[int, int]) -> list[Slot]:
-    """Every ``(parameter dict, name)`` of ``f`` holding a parameter, with its index in
-    ``Stage.params`` (``index``: by ``id``) or, for a frozen one, the tensor itself.  Modules
-    and parameters reached twice (tied weights) are all listed: each slot must be swapped."""
-    slots = []
-    for module in f.modules():  # each module once; a parameter in two of them twice
-        for name, p in module._parameters.items():
-            if p is not None:
-                slots.append((module._parameters, name, index.get(id(p), p)))
-    return slots
+def _parameters(f: nn.Module, slots: list, norms: list):
+    """``f.named_parameters()`` with a flag that is false where a parameter is met again (tied);
+    one walk of ``f`` that also lists every slot ``(parameter dict, name, parameter)`` in
+    ``slots``, tied ones included (each must be swapped), and the BatchNorm layers in
+    ``norms`` (``frozen_batchnorm``)."""
+    seen: set[int] = set()
+    for prefix, module in f.named_modules():  # as named_parameters walks them
+        if isinstance(module, _BatchNorm):
+            norms.append(module)
+        for local, p in module._parameters.items():
+            if p is None:
+                continue
+            slots.append((module._parameters, local, p))
+            first = id(p) not in seen
+            seen.add(id(p))
+            yield (f"{prefix}.{local}" if prefix else local), p, first
 
 
 def _leaf(t: torch.Tensor, key: Key, keys: dict[int, Key]) -> torch.Tensor:
