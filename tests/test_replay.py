@@ -141,3 +141,30 @@ def test_random_and_deterministic_blocks_interleaved(exact):
         assert ((a - b).norm() / b.norm()).item() <= 1e-9
     assert torch.equal(rng, plain_rng)
     assert not torch.allclose(step(True, seed=1)[0][0], fast[0])  # the masks matter
+
+
+class SeesAutocast(nn.Linear):
+    """Records whether autocast is on in each of its calls."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width, width)
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return torch.tanh(super().forward(x))
+
+
+@pytest.mark.parametrize("forward_autocast", [False, True])
+def test_the_recompute_runs_under_the_forwards_autocast(forward_autocast):
+    """Whatever surrounds backward(): off in the forward pass, off in its recompute (the
+    replay is skipped only where autocast is off in both passes); on, on."""
+    blocks = [SeesAutocast(8) for _ in range(3)]
+    net = momres.MomentumNet(blocks, 0.8, exact=False)
+    x = torch.randn(5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=forward_autocast):
+        out = net(x)
+    for around in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=around):
+            out.float().square().sum().backward(retain_graph=True)
+    assert all(b.seen == [forward_autocast] * 3 for b in blocks)
