@@ -102,7 +102,6 @@ class Stage:
     params: list[torch.Tensor]  # trainable parameters, in the order they enter the Function
     block_params: list[list[int]]  # per block: indices of its parameters in ``params``
     block_names: list[list[str]]  # per block: the names of those parameters in the block
-    block_frozen: list[dict[str, torch.Tensor]]  # per block: its frozen parameters, by name
     block_slots: list[list[Slot]]  # per block: every slot holding one of its parameters
     block_norms: list[list[nn.Module] | None]  # per block: its BatchNorm layers (not sharded)
     versions: list[tuple[torch.Tensor, int]]  # every parameter (frozen too), its version then
@@ -144,13 +143,12 @@ def build_stage(
     """The stage description, its trainable parameters and the tensors among the arguments."""
     params: list[torch.Tensor] = []
     index: dict[int, int] = {}
-    block_params, block_names, block_frozen, block_slots, block_norms, versions = (
-        [], [], [], [], [], [])
+    block_params, block_names, block_slots, block_norms, versions = [], [], [], [], []
     fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever sharded a block
     sharded = [fsdp is not None and isinstance(f, fsdp.FSDPModule) for f in functions]
     dtensor = fsdp and sys.modules["torch.distributed.tensor"].DTensor
     for n, f in enumerate(functions):
-        mine, names, frozen, slots, norms = [], [], {}, [], []
+        mine, names, slots, norms = [], [], [], []
         # FSDP2 swaps its blocks' parameters between passes and reduces their gradients
         # itself: they are not inputs of the Function (``Replayer._pull_sharded``).
         for name, p, slot in ([] if sharded[n] else _parameters(f, slots, norms)):
@@ -159,9 +157,7 @@ def build_stage(
             if dtensor and isinstance(p, dtensor):
                 raise _partly_sharded(n, f, name)
             versions.append((p, p._version))
-            if not p.requires_grad:
-                frozen[name] = p
-            else:
+            if p.requires_grad:  # frozen ones stay tensors in the block's slots
                 if id(p) not in index:
                     index[id(p)] = len(params)
                     params.append(p)
@@ -169,14 +165,13 @@ def build_stage(
                 names.append(name)
         block_params.append(mine)
         block_names.append(names)
-        block_frozen.append(frozen)
         block_slots.append([(d, local, index.get(id(p), p)) for d, local, p in slots])
         block_norms.append(None if sharded[n] else norms)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
     audit = [not whole and f not in _AUDITED for f, whole in zip(functions, sharded, strict=True)]
-    stage = Stage(functions, residual, params, block_params, block_names, block_frozen,
-                  block_slots, block_norms, versions, spec, leaves, audit, sharded)
+    stage = Stage(functions, residual, params, block_params, block_names, block_slots,
+                  block_norms, versions, spec, leaves, audit, sharded)
     return stage, params, tensors
 
 
