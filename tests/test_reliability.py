@@ -262,3 +262,40 @@ def test_export_and_trace_of_a_converted_model_in_eval_give_the_eager_outputs():
             eager = converted(inputs)
             assert torch.equal(traced(inputs), eager)
         assert torch.equal(exported(x), converted(x))
+
+
+class TiedTwice(nn.Module):
+    """One weight in two layers of the block (tied), and a frozen bias."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+        self.b.weight = self.a.weight
+        self.b.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class Symmetric(nn.Module):
+    def forward(self, w):
+        return w.triu() + w.triu(1).transpose(0, 1)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_tied_weights_and_parametrizations_inside_a_block(exact):
+    """The recompute swaps its leaves into every slot of a parameter: both layers of a tied
+    weight, and the original of a parametrized one."""
+    torch.manual_seed(0)
+    blocks = [TiedTwice(4), nn.Sequential(nn.Linear(4, 4), nn.Tanh()), TiedTwice(4)]
+    torch.nn.utils.parametrize.register_parametrization(blocks[1][0], "weight", Symmetric())
+    blocks = [b.double() for b in blocks]
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fast = momres.MomentumNet(blocks, 0.6, exact=exact)
+    plain = momres.MomentumNet(blocks, 0.6, memory_efficient=False)
+    assert len(list(fast.parameters())) == 8  # tied counted once
+    assert relative_error(gradients(fast, x), gradients(plain, x)) <= 1e-10
+    # The blocks hold their own parameters again afterwards.
+    assert all(isinstance(p, nn.Parameter) for b in blocks for p in b._parameters.values()
+               if p is not None)
+    assert blocks[0].b.weight is blocks[0].a.weight

@@ -105,3 +105,66 @@ def test_recompute_runs_under_the_forward_autocast_state():
         out = net(torch.randn(2, 8, requires_grad=True))
     out.float().sum().backward()  # outside autocast, like a training loop
     assert seen == [(True, torch.bfloat16)] * 4  # two forwards, two recomputes
+
+
+class HiddenNoise(nn.Module):
+    """Randomness no module announces: a mask drawn with ``torch.rand_like`` in ``forward``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x)) * (torch.rand_like(x) > 0.3)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_random_and_deterministic_blocks_interleaved(exact):
+    """Each block's generator state is the one after the block before it (the recorder
+    captures once per block): blocks drawing random numbers, visibly (dropout) or not, between
+    blocks that draw none, each replay their own numbers."""
+    def step(memory_efficient, seed=0):
+        torch.manual_seed(0)
+        blocks = [nn.Sequential(nn.Linear(6, 6), nn.Tanh()), HiddenNoise(6),
+                  nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.4)), HiddenNoise(6),
+                  nn.Sequential(nn.Linear(6, 6), nn.Tanh()),
+                  nn.Sequential(nn.Linear(6, 6), nn.Tanh()), HiddenNoise(6)]
+        net = momres.MomentumNet([b.double() for b in blocks], 0.7, exact=exact,
+                                 memory_efficient=memory_efficient).train()
+        x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+        torch.manual_seed(seed)
+        net(x).square().sum().backward()
+        return [x.grad] + [p.grad for p in net.parameters()], torch.get_rng_state()
+
+    (fast, rng), (plain, plain_rng) = step(True), step(False)
+    for a, b in zip(fast, plain, strict=True):  # exact: the blocks see x on a 2**-40 grid
+        assert ((a - b).norm() / b.norm()).item() <= 1e-9
+    assert torch.equal(rng, plain_rng)
+    assert not torch.allclose(step(True, seed=1)[0][0], fast[0])  # the masks matter
+
+
+class SeesAutocast(nn.Linear):
+    """Records whether autocast is on in each of its calls."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width, width)
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return torch.tanh(super().forward(x))
+
+
+@pytest.mark.parametrize("forward_autocast", [False, True])
+def test_the_recompute_runs_under_the_forwards_autocast(forward_autocast):
+    """Whatever surrounds backward(): off in the forward pass, off in its recompute (the
+    replay is skipped only where autocast is off in both passes); on, on."""
+    blocks = [SeesAutocast(8) for _ in range(3)]
+    net = momres.MomentumNet(blocks, 0.8, exact=False)
+    x = torch.randn(5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=forward_autocast):
+        out = net(x)
+    for around in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=around):
+            out.float().square().sum().backward(retain_graph=True)
+    assert all(b.seen == [forward_autocast] * 3 for b in blocks)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
 from ._replay import AutocastState, RngState, frozen_batchnorm, mha_fast_path_off, restored_rng
@@ -43,25 +44,45 @@ Key = str | tuple[str, int]
 _AUDITED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
+#: One parameter slot of a block: the ``_parameters`` dict of the (sub)module holding it, the
+#: name there, and what goes in it: a tensor, or the parameter's index in ``Stage.params``.
+Slot = tuple[dict, str, "int | torch.Tensor"]
+
+
 def evaluate(
     n: int, f: Callable, x: torch.Tensor, args: tuple, kwargs: dict, residual: bool,
-    params: dict[str, torch.Tensor] | None = None,
+    swaps: list[tuple[dict, str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """The residual branch ``g = f_n(x)`` (``f_n(x) - x`` for blocks with their own skip);
-    with ``params``, ``f`` runs with those tensors in place of its parameters."""
-    y = block_output(n, f, x, args, kwargs, params)
+    with ``swaps``, ``f`` runs with those tensors in place of its parameters."""
+    y = block_output(n, f, x, args, kwargs, swaps)
     return y if residual else y - x
 
 
 def block_output(
     n: int, f: Callable, x: torch.Tensor, args: tuple, kwargs: dict,
-    params: dict[str, torch.Tensor] | None = None,
+    swaps: list[tuple[dict, str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """``f_n(x)`` itself, checked to keep the shape of ``x``."""
-    if params is None:
+    """``f_n(x)`` itself, checked to keep the shape of ``x``; with ``swaps`` (``(parameter
+    dict, name, tensor)``: every slot of the block, ``Stage.block_slots``), ``f`` runs with
+    those tensors in its parameter slots, put back afterwards.
+
+    What ``torch.func.functional_call`` does with the block's parameter names, without its
+    per-call cost (resolving names, untying, swapping through ``setattr``): the slots are found
+    once per stage call, tied parameters (one tensor in several slots) included, and the
+    tensors go straight into the dicts, as BatchNorm's statistics do in ``frozen_batchnorm``.
+    """
+    if swaps is None:
         y = f(x, *args, **kwargs)
     else:
-        y = torch.func.functional_call(f, params, (x, *args), kwargs)
+        originals = [(slots, name, slots[name]) for slots, name, _ in swaps]
+        try:
+            for slots, name, t in swaps:
+                slots[name] = t
+            y = f(x, *args, **kwargs)
+        finally:
+            for slots, name, t in originals:
+                slots[name] = t
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(
@@ -81,7 +102,8 @@ class Stage:
     params: list[torch.Tensor]  # trainable parameters, in the order they enter the Function
     block_params: list[list[int]]  # per block: indices of its parameters in ``params``
     block_names: list[list[str]]  # per block: the names of those parameters in the block
-    block_frozen: list[dict[str, torch.Tensor]]  # per block: its frozen parameters, by name
+    block_slots: list[list[Slot]]  # per block: every slot holding one of its parameters
+    block_norms: list[list[nn.Module] | None]  # per block: its BatchNorm layers (not sharded)
     versions: list[tuple[torch.Tensor, int]]  # every parameter (frozen too), its version then
     arg_spec: pytree.TreeSpec
     arg_leaves: list[Any]  # flattened (args, kwargs); tensors replaced at call time
@@ -91,6 +113,14 @@ class Stage:
     @property
     def n_params(self) -> int:
         return len(self.params)
+
+    def swaps(self, n: int, leaves: dict[int, torch.Tensor] | list[torch.Tensor]
+              ) -> list[tuple[dict, str, torch.Tensor]]:
+        """Block ``n``'s slots with ``leaves[j]`` for trainable parameter ``j``; frozen ones
+        get the tensors the forward pass saw (``torch.func.functional_call`` by the user may
+        have swapped them too)."""
+        return [(slots, name, src if isinstance(src, torch.Tensor) else leaves[src])
+                for slots, name, src in self.block_slots[n]]
 
     def arguments(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple, dict]:
         """Rebuild ``(args, kwargs)`` with ``tensors`` in place of the tensor leaves."""
@@ -113,21 +143,21 @@ def build_stage(
     """The stage description, its trainable parameters and the tensors among the arguments."""
     params: list[torch.Tensor] = []
     index: dict[int, int] = {}
-    block_params, block_names, block_frozen, versions = [], [], [], []
+    block_params, block_names, block_slots, block_norms, versions = [], [], [], [], []
     fsdp = sys.modules.get("torch.distributed.fsdp")  # imported by whoever sharded a block
     sharded = [fsdp is not None and isinstance(f, fsdp.FSDPModule) for f in functions]
     dtensor = fsdp and sys.modules["torch.distributed.tensor"].DTensor
     for n, f in enumerate(functions):
-        mine, names, frozen = [], [], {}
+        mine, names, slots, norms = [], [], [], []
         # FSDP2 swaps its blocks' parameters between passes and reduces their gradients
         # itself: they are not inputs of the Function (``Replayer._pull_sharded``).
-        for name, p in ([] if sharded[n] else f.named_parameters()):
+        for name, p, slot in ([] if sharded[n] else _parameters(f, slots, norms)):
+            if not slot:
+                continue
             if dtensor and isinstance(p, dtensor):
                 raise _partly_sharded(n, f, name)
             versions.append((p, p._version))
-            if not p.requires_grad:
-                frozen[name] = p
-            else:
+            if p.requires_grad:  # frozen ones stay tensors in the block's slots
                 if id(p) not in index:
                     index[id(p)] = len(params)
                     params.append(p)
@@ -135,12 +165,13 @@ def build_stage(
                 names.append(name)
         block_params.append(mine)
         block_names.append(names)
-        block_frozen.append(frozen)
+        block_slots.append([(d, local, index.get(id(p), p)) for d, local, p in slots])
+        block_norms.append(None if sharded[n] else norms)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
     audit = [not whole and f not in _AUDITED for f, whole in zip(functions, sharded, strict=True)]
-    stage = Stage(functions, residual, params, block_params, block_names, block_frozen,
-                  versions, spec, leaves, audit, sharded)
+    stage = Stage(functions, residual, params, block_params, block_names, block_slots,
+                  block_norms, versions, spec, leaves, audit, sharded)
     return stage, params, tensors
 
 
@@ -153,12 +184,16 @@ class Recorder:
         self.stage, self.device, self.arg_tensors = stage, device, arg_tensors
         self.args, self.kwargs = stage.arguments(arg_tensors)
         self.rng: dict[int, RngState] = {}
+        # The generators' state after the last block: the next block's state before it, as
+        # nothing between two blocks of a stage (the rule's arithmetic) draws random numbers.
+        self.rng_now: RngState | None = None
         self.reads: dict[int, set[Key]] = {}  # audited blocks: what their graph reaches
         ctx.stage, ctx.device, ctx.autocast = stage, device, AutocastState.capture(device)
 
     def __call__(self, n: int, x: torch.Tensor) -> torch.Tensor:
         """``g = f_n(x)``, as the backward pass will recompute it."""
-        f, before, version = self.stage.functions[n], RngState.capture(self.device), x._version
+        f, version = self.stage.functions[n], x._version
+        before = RngState.capture(self.device) if self.rng_now is None else self.rng_now
         # Without grad, attention would take fused kernels that the recompute (with grad)
         # cannot: both passes must compute the same numbers.
         with mha_fast_path_off():
@@ -168,7 +203,8 @@ class Recorder:
                 g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual)
         if x._version != version:
             raise _modified_input(n, f)
-        if before.differs_from(RngState.capture(self.device)):
+        self.rng_now = RngState.capture(self.device)
+        if before.differs_from(self.rng_now):
             self.rng[n] = before
         return g
 
@@ -178,9 +214,8 @@ class Recorder:
         stage = self.stage
         keys: dict[int, Key] = {}
         x_leaf = _leaf(x, "x", keys)
-        params = {**stage.block_frozen[n], **{
-            name: _leaf(stage.params[j], ("parameter", j), keys)
-            for name, j in zip(stage.block_names[n], stage.block_params[n], strict=True)}}
+        params = {j: _leaf(stage.params[j], ("parameter", j), keys)
+                  for j in stage.block_params[n]}
         args, kwargs = stage.arguments(tuple(
             _leaf(t, ("argument", k), keys) if t.requires_grad else t
             for k, t in enumerate(self.arg_tensors)))
@@ -188,7 +223,7 @@ class Recorder:
         # outer one (``activation_memory`` counts what the forward pass keeps for backward).
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_alias, _alias):
             try:
-                y = block_output(n, f, x_leaf, args, kwargs, params)
+                y = block_output(n, f, x_leaf, args, kwargs, stage.swaps(n, params))
             except RuntimeError as error:
                 if "leaf Variable that requires grad" in str(error):
                     raise _modified_input(n, f) from None
@@ -272,14 +307,10 @@ class Replayer:
         if self.stage.sharded[n]:
             return self._pull_sharded(n, x, cotangent, scale)
         f, indices = self.stage.functions[n], self.stage.block_params[n]
-        # Frozen parameters too: torch.func.functional_call may have swapped them as well.
-        params = {**self.stage.block_frozen[n],
-                  **{name: self.leaves[j]
-                     for name, j in zip(self.stage.block_names[n], indices, strict=True)}}
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
-        ), frozen_batchnorm(f):
-            y = block_output(n, f, x, self.args, self.kwargs, params)
+        ), frozen_batchnorm(f, self.stage.block_norms[n]):
+            y = block_output(n, f, x, self.args, self.kwargs, self.stage.swaps(n, self.leaves))
             if n in self.reads:
                 self._audit(n, x, y)
         mine = [j for j in indices if self.param_needs[j]]
@@ -376,6 +407,24 @@ def reach(y: torch.Tensor, keys: dict[int, Key]) -> tuple[set[Key], list[torch.T
         todo.extend(child for child, _ in node.next_functions)
     found = {keys[id(t)] for t in leaves if id(t) in keys}
     return found, [t for t in leaves if id(t) not in keys]
+
+
+def _parameters(f: nn.Module, slots: list, norms: list):
+    """``f.named_parameters()`` with a flag that is false where a parameter is met again (tied);
+    one walk of ``f`` that also lists every slot ``(parameter dict, name, parameter)`` in
+    ``slots``, tied ones included (each must be swapped), and the BatchNorm layers in
+    ``norms`` (``frozen_batchnorm``)."""
+    seen: set[int] = set()
+    for prefix, module in f.named_modules():  # as named_parameters walks them
+        if isinstance(module, _BatchNorm):
+            norms.append(module)
+        for local, p in module._parameters.items():
+            if p is None:
+                continue
+            slots.append((module._parameters, local, p))
+            first = id(p) not in seen
+            seen.add(id(p))
+            yield (f"{prefix}.{local}" if prefix else local), p, first
 
 
 def _leaf(t: torch.Tensor, key: Key, keys: dict[int, Key]) -> torch.Tensor:

@@ -68,7 +68,8 @@ def restored_rng(state: RngState | None, device: torch.device) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def frozen_batchnorm(module: nn.Module) -> Iterator[None]:
+def frozen_batchnorm(module: nn.Module, layers: list[nn.Module] | None = None
+                     ) -> Iterator[None]:
     """Training-mode BatchNorm runs as in the forward pass, on scratch copies of its statistics.
 
     The recompute normalises with the same batch statistics, so outputs and gradients match;
@@ -76,10 +77,12 @@ def frozen_batchnorm(module: nn.Module) -> Iterator[None]:
     again afterwards, so each forward pass updates the real ones once.  (Switching
     ``track_running_stats`` off instead would change which tensors BatchNorm saves, which
     ``torch.utils.checkpoint`` rejects; copying the old values back would bump the version
-    of tensors the recompute's graph has saved.)
+    of tensors the recompute's graph has saved.)  ``layers``: the BatchNorm layers of
+    ``module`` where already known.
     """
-    norms = [m for m in module.modules()
-             if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    if layers is None:
+        layers = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    norms = [m for m in layers if m.training and m.track_running_stats]
     real = [dict(m._buffers) for m in norms]
     # Swapped in the buffer dicts directly: Module.__setattr__ costs more than the copies.
     for m, buffers in zip(norms, real, strict=True):
@@ -128,8 +131,17 @@ class AutocastState:
             (t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in types
         ))
 
+    def replay(self) -> contextlib.AbstractContextManager:
+        """The forward's settings, entered again (nothing to enter where autocast is off in
+        both passes)."""
+        if not any(enabled for _, enabled, _ in self.settings) and not any(
+            torch.is_autocast_enabled(device_type) for device_type, _, _ in self.settings
+        ):
+            return contextlib.nullcontext()
+        return self._replay()
+
     @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
+    def _replay(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for device_type, enabled, dtype in self.settings:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
