@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from momres.models import create_model
-from momres.timing import interleaved
+from momres.timing import interleaved, median_ratio
 
 CONFIGS = {"demo": (56, 64, 1, 16), "resnet110": (110, 128, 3, 32)}
 MODES = {"exact": {}, "float": {"exact": False}, "autograd": {"memory_efficient": False}}
@@ -56,8 +56,7 @@ def main() -> None:
     print(f"{args.config}: resnet{depth}, {channels}x{size}x{size}, batch {batch}, "
           f"{args.rounds} rounds, {torch.get_num_threads()} threads")
     for name, t in times.items():
-        ratios = [statistics.median(a / b for a, b in zip(t, times[ref], strict=True))
-                  for ref in ("resnet", "recompute floor")]
+        ratios = [median_ratio(t, times[ref]) for ref in ("resnet", "recompute floor")]
         print(f"{name:>15}: {statistics.median(t):.3f} s  {ratios[0]:.2f}x resnet  "
               f"{ratios[1]:.2f}x floor")
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from momres.baselines import conv_stage
-from momres.timing import floor_step_time, interleaved, step_time
+from momres.timing import floor_step_time, interleaved, median_ratio, step_time
 
 
 def with_fusion(setting: str, model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -57,13 +57,11 @@ def main() -> None:
     print(f"depth {args.depth}, batch {args.batch}, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")
     for name, t in times.items():
-        ratios = [statistics.median(a / b for a, b in zip(t, times[ref], strict=True))
-                  for ref in ("plain", "recompute floor")]
+        ratios = [median_ratio(t, times[ref]) for ref in ("plain", "recompute floor")]
         print(f"{name:>19}: {statistics.median(t):.3f} s  {ratios[0]:.2f}x plain  "
               f"{ratios[1]:.2f}x floor")
     if "momentumnet" in times:
-        ratio = statistics.median(a / b for a, b in zip(times["momres-exact"],
-                                                        times["momentumnet"], strict=True))
+        ratio = median_ratio(times["momres-exact"], times["momentumnet"])
         print(f"momres exact / official momentumnet: {ratio:.2f}x")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from itertools import accumulate, chain
@@ -159,3 +160,16 @@ def reset_peak_resident() -> bool:
         return True
     except OSError:
         return False
+
+
+def in_fresh_process(code: str) -> float:
+    """Run Python ``code`` in a new interpreter and return the last number it prints.
+
+    glibc is told to map every allocation above 64 KiB on its own
+    (``MALLOC_MMAP_THRESHOLD_=65536``), so that freed tensors leave the process at once and its
+    peak resident memory follows the live tensors, not the heap's fragmentation.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, env=env)
+    return float(done.stdout.strip().splitlines()[-1])

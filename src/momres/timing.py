@@ -9,8 +9,9 @@ is done.
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -53,3 +54,8 @@ def interleaved(steps: dict[str, Callable[[], float]], rounds: int) -> dict[str,
         for name, step in steps.items():
             times[name].append(step())
     return times
+
+
+def median_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of ``times`` over ``reference`` in the same round (``interleaved``)."""
+    return statistics.median(a / b for a, b in zip(times, reference, strict=True))

@@ -27,9 +27,7 @@ import argparse
 import functools
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,9 +38,9 @@ from torch import nn
 from .._io import machine
 from ..baselines import GAMMA, conv_stage
 from ..convert import to_momentum
-from ..memory import MIB, activation_memory, peak_resident_bytes
+from ..memory import MIB, activation_memory, in_fresh_process, peak_resident_bytes
 from ..models import create_model
-from ..timing import floor_step_time, interleaved, step_time
+from ..timing import floor_step_time, interleaved, median_ratio, step_time
 from . import peaks
 
 #: system -> its plain-autograd twin, whose step time it is divided by (default "plain").
@@ -139,10 +137,7 @@ def peak_memory_mib(case: Case, system: str, device: str) -> float:
     """
     code = f"from momres.cli.bench import _peak_child; _peak_child(" \
            f"{json.dumps(asdict(case))!r}, {system!r}, {device!r})"
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, env=env)
-    return float(done.stdout.strip().splitlines()[-1])
+    return in_fresh_process(code)
 
 
 def _peak_child(case_json: str, system: str, device: str) -> None:
@@ -180,15 +175,12 @@ def measure(case: Case, systems: list[str], rounds: int, device: str, peak: bool
             "depth": case.depth, "batch": case.batch, "model": case.name or None,
             "rounds": rounds,
             "step_seconds": statistics.median(times[system]),
-            "step_time_ratio": statistics.median(
-                a / b for a, b in zip(times[system], times[twin], strict=True)),
+            "step_time_ratio": median_ratio(times[system], times[twin]),
             # The twin's step plus one no-grad forward, over the twin's step, same rounds.
-            "recompute_floor": statistics.median(
-                a / b for a, b in zip(times[f"{twin}+forward"], times[twin], strict=True)),
+            "recompute_floor": median_ratio(times[f"{twin}+forward"], times[twin]),
             # The system's step over that floor, same rounds: what it costs beyond the
             # recompute every memory-free method pays.
-            "floor_ratio": statistics.median(
-                a / b for a, b in zip(times[system], times[f"{twin}+forward"], strict=True)),
+            "floor_ratio": median_ratio(times[system], times[f"{twin}+forward"]),
             "saved_mib": saved / MIB,
             "saved_bytes_per_element": saved / x.numel(),
             "peak_mib": peak_memory_mib(case, system, device) if peak else None,

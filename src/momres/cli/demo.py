@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from .._io import atomic_write, machine, write_json
 from ..data import load_dataset
 from ..memory import MIB, activation_memory
 from ..models.cifar import DEPTHS
-from ..timing import floor_step_time, interleaved, step_time
+from ..timing import floor_step_time, interleaved, median_ratio, step_time
 from ..training import Config, Trainer
 
 
@@ -60,7 +59,7 @@ def recompute_floor(depth: int, batch: torch.Tensor, rounds: int = 5) -> float:
     model = models.create_model(f"resnet{depth}", num_classes=10, in_channels=1).train()
     times = interleaved({"step": functools.partial(step_time, model, batch),
                          "floor": functools.partial(floor_step_time, model, batch)}, rounds)
-    return statistics.median(a / b for a, b in zip(times["floor"], times["step"], strict=True))
+    return median_ratio(times["floor"], times["step"])
 
 
 def train_pair(args: argparse.Namespace) -> dict[str, dict]:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -30,11 +28,11 @@ from torch.utils.checkpoint import checkpoint_sequential
 
 from .._io import machine
 from ..convert import momentum_stages, to_momentum
-from ..memory import peak_resident_bytes, reset_peak_resident
+from ..memory import in_fresh_process, peak_resident_bytes, reset_peak_resident
 from ..models import create_model
 from ..momentum import Strategy
 from ..plan import Plan, format_bytes, measure, traced_peak
-from ..timing import interleaved, step_time
+from ..timing import interleaved, median_ratio, step_time
 
 GAMMA = 0.9
 SYSTEMS = ("plain", "checkpoint", "momres-default", "momres-least")
@@ -125,10 +123,7 @@ def resident_growth_mib(model: Model, system: str, strategies: dict | None) -> f
     """Growth of peak resident memory over one training step, in a fresh process (MiB)."""
     code = ("from momres.cli.peaks import _resident_child; _resident_child("
             f"{json.dumps(asdict(model))!r}, {system!r}, {json.dumps(strategies)!r})")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, env=env)
-    return float(done.stdout.strip().splitlines()[-1])
+    return in_fresh_process(code)
 
 
 def _resident_child(model_json: str, system: str, strategies_json: str) -> None:
@@ -180,11 +175,9 @@ def measure_model(model: Model, rounds: int, resident: bool, budgets: int) -> di
             "predicted_peak": plan.peak if plan else None,
             "predicted_time": plan.time if plan else None,
             "step_seconds": statistics.median(times[name]),
-            "step_time_ratio": statistics.median(
-                a / b for a, b in zip(times[name], times["plain"], strict=True)),
+            "step_time_ratio": median_ratio(times[name], times["plain"]),
             "vs_checkpoint_peak": peak / peaks["checkpoint"],
-            "vs_checkpoint_time": statistics.median(
-                a / b for a, b in zip(times[name], times["checkpoint"], strict=True)),
+            "vs_checkpoint_time": median_ratio(times[name], times["checkpoint"]),
             "resident_growth_mib": (resident_growth_mib(model, name, strategies)
                                     if resident and (plan is None or name == "momres-least")
                                     else None),

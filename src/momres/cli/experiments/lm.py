@@ -26,7 +26,7 @@ from torch import nn
 
 from ...convert import to_momentum
 from ...memory import MIB, peak_bytes
-from ...timing import interleaved
+from ...timing import interleaved, median_ratio
 from . import _common
 
 CLAIM = ("A GPT-2 language model converted to a Momentum Transformer (exact memory-free "
@@ -165,10 +165,9 @@ def run(out: Path, config: Config = Config(), seed: int = 0) -> dict:
         timed = {name: (lambda step=step: _timed(step)) for name, step in steps.items()}
         times = interleaved(timed, config.timing_rounds)
     for base in ("plain", "checkpointing"):
-        metrics[f"momentum_time_over_{base}"] = statistics.median(
-            m / b for m, b in zip(times["momentum"], times[base], strict=True))
-    metrics["checkpointing_time_over_plain"] = statistics.median(
-        c / p for c, p in zip(times["checkpointing"], times["plain"], strict=True))
+        metrics[f"momentum_time_over_{base}"] = median_ratio(times["momentum"], times[base])
+    metrics["checkpointing_time_over_plain"] = median_ratio(times["checkpointing"],
+                                                            times["plain"])
     metrics["plain_step_s"] = statistics.median(times["plain"])
     metrics["curves"] = {"plain": plain.losses, "momentum": momentum.losses,
                          "retrofit": retrofit.losses}
