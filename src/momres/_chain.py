@@ -40,7 +40,7 @@ from torch import nn
 from . import _exact
 from ._recompute import Recorder, Replayer, Stage, build_stage, graph_kept
 from ._replay import checkpointed
-from ._rule import Inversion, Rule
+from ._rule import Inversion, Rule, backward_step
 from .momentum import _snapped, momentum_rule
 
 
@@ -211,16 +211,10 @@ class LinkFunction(torch.autograd.Function):
         chain, n = ctx.chain, ctx.n
         replay = Replayer(ctx, 4, "to_momentum(..., memory_efficient=False)")
         state = chain.backward_state(n, ctx.dtype)
-        gamma = chain.rule.gamma
-        x = state.retreat()
-        # b = dL/dx_{n+1} + dL/dv_{n+1};  dL/dx_n = a_x + (1-gamma) J^T b;  dL/dv_n = gamma b.
-        a_x = torch.zeros_like(x) if grad_x is None else grad_x.clone()
-        b = a_x.clone() if chain.grad_v is None else chain.grad_v.add_(a_x)
-        g, grad = replay.pull(0, x, b, 1 - gamma)
-        if grad is not None:
-            a_x.add_(grad, alpha=1 - gamma)
-        chain.grad_v = b.mul_(gamma)
-        state.rebuild(n - chain.start, g)
+        # dL/dv_{n+1} comes from the link above through the chain, dL/dv_n goes down to the next.
+        a_x = None if grad_x is None else grad_x.clone()
+        a_x, chain.grad_v = backward_step(state, replay, n - chain.start, 0, chain.rule.gamma,
+                                          a_x, chain.grad_v)
         if n == chain.start:
             state.verify()
             # The pass is over (v_start came from no graph): free the state now, not when the

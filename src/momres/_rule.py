@@ -422,13 +422,24 @@ class MomentumFunction(torch.autograd.Function):
         a_x = torch.zeros_like(like, dtype=ctx.dtype) if grad_x is None else grad_x.clone()
         a_v = torch.zeros_like(a_x) if grad_v is None else grad_v.clone()
         for n in reversed(range(depth)):
-            x = state.retreat()
-            b = a_v.add_(a_x)
-            # One evaluation of the block, used for the gradient and to rebuild v_n.
-            g, grad = replay.pull(n, x, b, 1 - gamma)
-            if grad is not None:
-                a_x.add_(grad, alpha=1 - gamma)
-            a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
-            state.rebuild(n, g)
+            a_x, a_v = backward_step(state, replay, n, n, gamma, a_x, a_v)
         state.verify()
         return (None, None, a_x, a_v, *replay.input_grads())
+
+
+def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, block: int,
+                  gamma: float, a_x: torch.Tensor | None, a_v: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of the memory-free backward, from the top: rebuild its input ``x_n`` (state
+    block ``n``, replayed as ``replay``'s block ``block``) and turn ``(a_x, a_v) = (dL/dx_{n+1},
+    dL/dv_{n+1})``, our own tensors (``None``: zero), into ``(dL/dx_n, dL/dv_n)`` in place."""
+    x = state.retreat()
+    a_x = torch.zeros_like(x) if a_x is None else a_x
+    b = a_x.clone() if a_v is None else a_v.add_(a_x)
+    # One evaluation of the block, used for the gradient and to rebuild v_n.
+    g, grad = replay.pull(block, x, b, 1 - gamma)
+    if grad is not None:
+        a_x.add_(grad, alpha=1 - gamma)
+    a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
+    state.rebuild(n, g)
+    return a_x, a_v
