@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _exact, debug
-from ._fusion import fused
+from . import _exact, _kernels, debug
+from ._fusion import fused, fusing
 from ._recompute import Recorder, Replayer, Stage, graph_kept
 
 
@@ -185,10 +185,11 @@ class ExactInversion(Inversion):
         k = self.rule.frac_bits
         self.x0, self.v0 = x0, v0
         self.X, self.V = _exact.to_grid(x0, k), _exact.to_units(v0, k)
-        self.buf, self.tmp = torch.zeros_like(self.X), torch.empty_like(self.X)
+        self.buf, self.tmp = torch.zeros_like(self.X), None
         self.checksum = torch.stack([self.X.sum(), self.V.sum()])
         self.spilled: list[torch.Tensor] = []
         self.gmax: list[torch.Tensor] = []
+        self.kernels = None if fusing(self.X) else _kernels.kernels(self.X)
         self.step = fused(_exact.forward_step_, self.X)
 
     def position(self):
@@ -201,6 +202,12 @@ class ExactInversion(Inversion):
         g = g.to(self.dtype)
         self.gmax.extend(_extremes(g))
         rule = self.rule
+        if self.kernels is not None and _kernels.forward_step_(
+                self.kernels, self.X, self.V, self.buf, g, rule.num, rule.den, self.scale,
+                self.unit):
+            return
+        if self.tmp is None:
+            self.tmp = torch.empty_like(self.X)
         self.V, self.buf, self.tmp = self.step(self.X, self.V, self.buf, self.tmp, g, rule.num,
                                                rule.den, self.scale, self.unit)
 
@@ -231,10 +238,14 @@ class ExactInversion(Inversion):
         self.checksum, self.spilled = saved[2], [own(t) for t in saved[3:]] if copy else saved[3:]
         self.leftovers: list[torch.Tensor] = []
         self.rows = _exact.chunk_rows(self.x)
+        self.kernels = None if fusing(self.x) else _kernels.kernels(self.x)
         self.step = fused(_exact.backward_chunk_, self.x)
 
     def retreat(self):
         # x_n = x_{n+1} - v_{n+1}; the value part is the block's input, shared, not copied.
+        if self.kernels is not None and _kernels.retreat_(self.kernels, self.x, self.remainder,
+                                                          self.V, self.rule.frac_bits):
+            return self.x
         if self.remainder is None:  # float64: the value is the grid value itself
             self.x.sub_(self.V, alpha=self.unit)
         else:
@@ -244,10 +255,13 @@ class ExactInversion(Inversion):
         return self.x
 
     def rebuild(self, n, g):
-        rule, (b, t) = self.rule, _exact.scratch(self.x, self.rows)
-        for v, buf, gc in _exact.chunks(self.rows, self.V, self.buf, g.to(self.dtype)):
-            self.step(v, buf, gc, _exact.shaped(b, v), _exact.shaped(t, v), rule.num, rule.den,
-                      self.scale)
+        rule, g = self.rule, g.to(self.dtype)
+        if self.kernels is None or not _kernels.backward_step_(
+                self.kernels, self.V, self.buf, g, rule.num, rule.den, self.scale):
+            b, t = _exact.scratch(self.x, self.rows)
+            for v, buf, gc in _exact.chunks(self.rows, self.V, self.buf, g):
+                self.step(v, buf, gc, _exact.shaped(b, v), _exact.shaped(t, v), rule.num,
+                          rule.den, self.scale)
         if self.schedule[n]:
             self.leftovers.append(self.buf.any())
             self.buf = self.spilled.pop()
