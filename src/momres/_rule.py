@@ -81,6 +81,11 @@ class Inversion:
     def rebuild(self, n: int, g: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def rebuilds_in_place(self) -> bool:
+        """Whether ``rebuild`` allocates nothing (it may then run while a block's graph is
+        held: ``backward_step``)."""
+        return True
+
     def verify(self) -> None:
         """Raise if the rebuilt state is not the forward's (where that can be told)."""
 
@@ -122,10 +127,15 @@ class FloatInversion(Inversion):
         self.x.add_(self.v)
 
     def finish(self):
-        return self.x, self.v, [self.x, self.v, self.moments], None
+        # v is saved as our own tensor and a copy is the output (usually dropped), so that
+        # the backward rebuilds v in place instead of copying it at its peak.
+        return self.x, self.v.clone(), [self.x, self.v, self.moments], None
 
     def resume(self, saved, layout):
-        self.x, self.v, self.moments = saved[0].clone(), saved[1].clone(), saved[2]
+        # x's value is the stage's output, which is not ours to change: a copy.  v is ours,
+        # unless a later backward pass (retain_graph=True) needs it again.
+        self.x, self.moments = saved[0].clone(), saved[2]
+        self.v = saved[1].clone() if graph_kept() else saved[1]
 
     def retreat(self):
         return self.x.sub_(self.v)
@@ -265,6 +275,10 @@ class ExactInversion(Inversion):
         if self.schedule[n]:
             self.leftovers.append(self.buf.any())
             self.buf = self.spilled.pop()
+
+    def rebuilds_in_place(self):
+        # The eager arithmetic needs float64 scratch (whole tensors on CUDA).
+        return self.kernels is not None
 
     def _grid(self) -> torch.Tensor:
         return _exact.join_grid(self.x, self.remainder, self.rule.frac_bits)
@@ -450,10 +464,16 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
     x = state.retreat()
     a_x = torch.zeros_like(x) if a_x is None else a_x
     b = a_x.clone() if a_v is None else a_v.add_(a_x)
-    # One evaluation of the block, used for the gradient and to rebuild v_n.
-    g, grad = replay.pull(block, x, b, 1 - gamma)
+    # One evaluation of the block, used for the gradient and to rebuild v_n: before the
+    # block's backward where the rebuild needs no memory of its own, so that g is not held
+    # through it; else after, when the block's graph is gone.
+    if state.rebuilds_in_place():
+        _, grad = replay.pull(block, x, b, 1 - gamma, use=lambda g: state.rebuild(n, g))
+    else:
+        g, grad = replay.pull(block, x, b, 1 - gamma)
     if grad is not None:
         a_x.add_(grad, alpha=1 - gamma)
     a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
-    state.rebuild(n, g)
+    if not state.rebuilds_in_place():
+        state.rebuild(n, g)
     return a_x, a_v
