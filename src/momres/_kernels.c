@@ -88,8 +88,8 @@ static inline void mul_frac(double *c, double *i, double num, double den, double
  * computes it.  SUFFIX names G. */
 #define FORWARD(SUFFIX, G)                                                              \
     CLONES static void forward_##SUFFIX##_range(                                        \
-        double *x, double *v, double *buf, const G *g, int64_t lo, int64_t hi,         \
-        double num, double den, double scale, double unit) {                           \
+        double *restrict x, double *restrict v, double *restrict buf, const G *restrict g, \
+        int64_t lo, int64_t hi, double num, double den, double scale, double unit) {   \
         double inv_num = 1.0 / num, inv_den = 1.0 / den;                               \
         G s = (G)scale;                                                                 \
         for (int64_t j = lo; j < hi; j++) {                                            \
@@ -115,7 +115,8 @@ FORWARD(f64, double)
  * giving back the bits, and stored again in its narrow type B. */
 #define BACKWARD(SUFFIX, G, B)                                                          \
     CLONES static void backward_##SUFFIX##_range(                                       \
-        double *v, B *buf, const G *g, int64_t lo, int64_t hi, double num, double den,  \
+        double *restrict v, B *restrict buf, const G *restrict g, int64_t lo, int64_t hi, \
+        double num, double den,                                                         \
         double scale) {                                                                 \
         double inv_num = 1.0 / num, inv_den = 1.0 / den;                               \
         G s = (G)scale;                                                                 \
@@ -144,7 +145,8 @@ BACKWARD(f64_f64, double, double)
 /* Retreat (_exact.retreat_chunk_): x <- x - v on the split form, x the value in float32 and
  * r the remainder to the grid 2**-k in units (int32): U = x*2**k + r - v, exact; the new x is
  * U*2**-k rounded to float32, the new r what that rounding left. */
-CLONES static void retreat_f32_range(float *x, int32_t *r, const double *v, int64_t lo,
+CLONES static void retreat_f32_range(float *restrict x, int32_t *restrict r,
+                                     const double *restrict v, int64_t lo,
                                      int64_t hi, double up, double down) {
     for (int64_t j = lo; j < hi; j++) {
         double u = (double)x[j] * up + (double)r[j] - v[j];
@@ -161,7 +163,8 @@ void momres_retreat_f32(float *x, int32_t *r, const double *v, int64_t n, int fr
 }
 
 /* The same for float64 activations, whose value is the grid value itself: x <- x - v*2**-k. */
-CLONES static void retreat_f64_range(double *x, const double *v, int64_t lo, int64_t hi,
+CLONES static void retreat_f64_range(double *restrict x, const double *restrict v, int64_t lo,
+                                     int64_t hi,
                                      double down) {
     for (int64_t j = lo; j < hi; j++)
         x[j] -= v[j] * down;

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("_kernels.c")
-FLAGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-shared", "-fPIC"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.uint8: "u8", torch.int16: "i16",
           torch.int32: "i32"}
 
