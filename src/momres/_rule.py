@@ -181,7 +181,8 @@ class ExactInversion(Inversion):
     Backward, where the peak of a memory-free step is: ``x`` stays in the compact form the
     forward saved it in (its value in the activations' dtype, which is also the block's input,
     and the remainder to the grid in units), the buffer stays in its narrow integer type, and
-    the arithmetic runs chunk by chunk through two small float64 scratch tensors.
+    the arithmetic runs as one fused C kernel per step (``_kernels``), or, where those cannot
+    run, eagerly, chunk by chunk through two small float64 scratch tensors.
     """
 
     def __init__(self, rule, dtype, depth):
