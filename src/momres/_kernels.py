@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -51,10 +52,12 @@ _failed = False
 
 
 def compiler() -> str:
+    """The C compiler to build with: ``$MOMRES_CC``, else ``cc``."""
     return os.environ.get("MOMRES_CC", "cc")
 
 
 def cache_dir() -> Path:
+    """Where the built library is cached (see the module's docstring)."""
     if "MOMRES_CACHE_DIR" in os.environ:
         return Path(os.environ["MOMRES_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -63,10 +66,10 @@ def cache_dir() -> Path:
 
 def library_path(cc: str) -> Path:
     """Where the library built by ``cc`` (a resolved path) is cached: named by a hash of the
-    source, the compiler (path, size, modification time) and the flags."""
+    source, the compiler (path, size, modification time), the flags and the platform."""
     stat = os.stat(cc)
     key = hashlib.sha256(SOURCE.read_bytes())
-    key.update(f"{cc}\0{stat.st_size}\0{stat.st_mtime_ns}\0{FLAGS}\0{sys.platform}".encode())
+    key.update(f"{cc}\0{stat.st_size}\0{stat.st_mtime_ns}\0{FLAGS}\0{sys.platform}\0{platform.machine()}".encode())
     return cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
 
@@ -79,7 +82,7 @@ def build(cc: str, path: Path) -> None:
         errors = ""
         for extra in (["-fopenmp"], []):
             run = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"],
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, timeout=120)
             if run.returncode == 0:
                 os.replace(tmp, path)
                 return
@@ -118,7 +121,8 @@ def kernels(like: torch.Tensor) -> ctypes.CDLL | None:
             warnings.warn(
                 f"momres: could not build the fused exact-arithmetic kernels ({error!r:.300}); "
                 "using the eager arithmetic (same results, slower). Set MOMRES_KERNELS=0 to "
-                "skip, or MOMRES_CC to name a C compiler.", RuntimeWarning, stacklevel=3)
+                "skip, MOMRES_CC to name a C compiler, or MOMRES_CACHE_DIR a writable folder.",
+                RuntimeWarning, stacklevel=3)
             return None
     return _library
 
