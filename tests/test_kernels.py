@@ -123,9 +123,26 @@ def stage_gradients(monkeypatch, kernels, dtype=torch.float32, channels_last=Fal
     return log, [x.grad] + [p.grad for p in net.parameters()]
 
 
+def test_threads_split_the_work_without_changing_it():
+    """Each element's arithmetic is its own: any number of threads gives the same integers."""
+    gen = torch.Generator().manual_seed(2)
+    n, lib = 200_003, library()
+    v = integers(n, 2.0**45, gen)
+    buf = integers(n, 2.0**31 - 1, gen, nonnegative=True).to(torch.int32)
+    g = activations(n, torch.float32, gen)
+    results = []
+    for threads in (1, 3):
+        vt, buft = v.clone(), buf.clone()
+        lib.momres_backward_f32_i32(vt.data_ptr(), buft.data_ptr(), g.data_ptr(), n, 9, 10,
+                                    0.1 * 2.0**30, threads)
+        results.append((vt, buft))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert not torch.equal(results[0][0], v)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_stage_with_kernels_matches_eager(monkeypatch, dtype):
-    torch.set_num_threads(2)
     log, grads = stage_gradients(monkeypatch, True, dtype)
     eager_log, eager_grads = stage_gradients(monkeypatch, False, dtype)
     for phase in ("forward", "backward"):
