@@ -131,13 +131,16 @@ def supported(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can run on ``tensors`` (``None``: absent) in place: CPU tensors of
     the types the kernels are made for, dense in one layout (the same shape and strides,
     contiguous in some memory format), so that equal offsets are the same element."""
-    present = [t for t in tensors if t is not None]
-    first = present[0]
+    first = tensors[0]
     if not (first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(
             memory_format=torch.channels_last))):
         return False
-    return all(t.dtype in SUFFIX and t.device.type == "cpu" and t.shape == first.shape
-               and t.stride() == first.stride() for t in present)
+    shape, strides = first.shape, first.stride()
+    for t in tensors:
+        if t is not None and (t.dtype not in SUFFIX or t.device.type != "cpu"
+                              or t.shape != shape or t.stride() != strides):
+            return False
+    return True
 
 
 def forward_step_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, buf: torch.Tensor,
