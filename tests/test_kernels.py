@@ -176,6 +176,25 @@ def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_compiler_without_openmp_builds_them_single_threaded(monkeypatch, tmp_path):
+    cc = tmp_path / "cc-without-openmp"
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *-fopenmp*) exit 1;; esac\n'
+                  f'exec {shutil.which(_kernels.compiler())} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("MOMRES_CC", str(cc))
+    monkeypatch.setenv("MOMRES_CACHE_DIR", str(tmp_path / "cache"))
+    lib = _kernels.load()
+    assert not hasattr(lib, "omp_get_num_threads")
+    gen = torch.Generator().manual_seed(3)
+    v, g = integers(100_000, 2.0**40, gen), activations(100_000, torch.float32, gen)
+    buf = integers(100_000, 255, gen, nonnegative=True).to(torch.uint8)
+    ev, ebuf = v.clone(), buf.clone()
+    _exact.backward_chunk_(ev, ebuf, g, torch.empty_like(v), torch.empty_like(v), 9, 10, 2.0**20)
+    lib.momres_backward_f32_u8(v.data_ptr(), buf.data_ptr(), g.data_ptr(), v.numel(), 9, 10,
+                               2.0**20, 4)
+    assert torch.equal(v, ev) and torch.equal(buf, ebuf)
+
+
 def test_kernels_are_off_where_they_cannot_run(monkeypatch):
     assert _kernels.kernels(torch.zeros(1)) is not None
     monkeypatch.setenv("MOMRES_KERNELS", "0")
