@@ -310,10 +310,17 @@ class Replayer:
         x = x.detach().requires_grad_()
         if self.stage.sharded[n]:
             g, grad = self._pull_sharded(n, x, cotangent, scale)
-            if use is None:
-                return g, grad
+        else:
+            g, grad = self._pull(n, x, cotangent, scale, use)
+        if use is not None and g is not None:  # not used yet
             use(g)
-            return None, grad
+            g = None
+        return g, grad
+
+    def _pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float,
+              use: Callable[[torch.Tensor], None] | None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``pull`` for a block that is not sharded: ``g`` is ``None`` if ``use`` took it."""
         f, indices = self.stage.functions[n], self.stage.block_params[n]
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
@@ -335,9 +342,6 @@ class Replayer:
         grad = grads[0]
         if not self.stage.residual:
             grad = -cotangent if grad is None else grad - cotangent
-        if use is not None and g is not None:
-            use(g)
-            g = None
         return g, grad
 
     def _pull_sharded(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float

@@ -468,13 +468,12 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
     # One evaluation of the block, used for the gradient and to rebuild v_n: before the
     # block's backward where the rebuild needs no memory of its own, so that g is not held
     # through it; else after, when the block's graph is gone.
-    if state.rebuilds_in_place():
-        _, grad = replay.pull(block, x, b, 1 - gamma, use=lambda g: state.rebuild(n, g))
-    else:
-        g, grad = replay.pull(block, x, b, 1 - gamma)
+    early = state.rebuilds_in_place()
+    g, grad = replay.pull(block, x, b, 1 - gamma,
+                          use=(lambda g: state.rebuild(n, g)) if early else None)
     if grad is not None:
         a_x.add_(grad, alpha=1 - gamma)
     a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
-    if not state.rebuilds_in_place():
+    if g is not None:  # not rebuilt early
         state.rebuild(n, g)
     return a_x, a_v
