@@ -6,9 +6,10 @@ CIFAR ResNet-110, plain ResNet against its momentum twin in each mode.
 Each step (forward, cross-entropy, backward) runs under ``torch.profiler`` with Python
 frames recorded; every operator's own CPU time is charged to one category by what it is and
 where it was called from: the blocks' convolutions; their other layers (BatchNorm, ReLU, the
-block's own skip); the exact arithmetic (``_exact``, and the inversion's steps in ``_rule``:
-for float mode, its floating-point rule); the rule under autograd (``RuleStep``); the memory-free
-backward's own elementwise work on the gradients (``a_x``, ``b``) and ``g = y - x``; and the rest
+block's own skip); the exact arithmetic (``_exact``, the C kernels called by ``_kernels``, and
+the inversion's steps in ``_rule``: for float mode, its floating-point rule); the rule under
+autograd (``RuleStep``); the memory-free backward's own elementwise work on the gradients
+(``a_x``, ``b``) and ``g = y - x``; and the rest
 (Python and autograd bookkeeping: replaying the block, the recompute's arguments, its gradient
 call).  The profiler slows Python down, so read shares, not absolute times; time the
 steps themselves with ``momres bench`` or ``stage_time.py``.
@@ -34,7 +35,10 @@ def category(event) -> str:
     while parent is not None:
         ancestors.append(parent.name)
         parent = parent.cpu_parent
-    if any("_exact.py" in a or ("_rule.py" in a and a.endswith(INVERSION)) for a in ancestors):
+    # The event itself too: the C kernels' time is the self time of the Python frame that
+    # calls them (_kernels.py), which records no operator.
+    if any("_exact.py" in a or "_kernels.py" in a or ("_rule.py" in a and a.endswith(INVERSION))
+           for a in [name, *ancestors]):
         return "exact arithmetic / float rule"
     if any(a.startswith("RuleStep") for a in ancestors + [name]):
         return "rule under autograd"

@@ -1,12 +1,12 @@
 """Step time of the depth-32 conv stage, every way of training it, interleaved.
 
-    python benchmarks/stage_time.py [--depth 32] [--batch 32] [--rounds 15] [--fused]
+    python benchmarks/stage_time.py [--depth 32] [--batch 32] [--rounds 15] [--eager]
 
 The measurement behind the core step-time target: plain autograd; plain autograd plus one more
 forward pass without grad (the recompute floor: what rebuilding activations costs, however it
-is done); torch.utils.checkpoint; momres float and exact; with ``--fused``, exact with the
-compiled kernels (``MOMRES_FUSE=1``; the first fused step compiles, tens of seconds, then
-PyTorch caches it on disk); and the official ``momentumnet`` package when it is installed.
+is done); torch.utils.checkpoint; momres float and exact (with the fused C kernels where they
+build); with ``--eager``, exact with the eager arithmetic instead (``MOMRES_KERNELS=0``); and
+the official ``momentumnet`` package when it is installed.
 Prints each median step time and its median ratio to plain autograd and to the floor, over
 rounds, and momres exact's step time over the official package's.
 """
@@ -16,7 +16,6 @@ import functools
 import importlib.util
 import os
 import statistics
-import time
 
 import torch
 
@@ -24,12 +23,12 @@ from momres.baselines import conv_stage
 from momres.timing import floor_step_time, interleaved, median_ratio, step_time
 
 
-def with_fusion(setting: str, model: torch.nn.Module, x: torch.Tensor) -> float:
-    os.environ["MOMRES_FUSE"] = setting
+def eager_step_time(model: torch.nn.Module, x: torch.Tensor) -> float:
+    os.environ["MOMRES_KERNELS"] = "0"
     try:
         return step_time(model, x)
     finally:
-        os.environ["MOMRES_FUSE"] = "0"
+        del os.environ["MOMRES_KERNELS"]
 
 
 def main() -> None:
@@ -37,7 +36,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--fused", action="store_true", help="also time the fused exact kernels")
+    parser.add_argument("--eager", action="store_true",
+                        help="also time exact mode with the eager arithmetic")
     args = parser.parse_args()
     x = torch.randn(args.batch, 32, 16, 16)
     systems = ["plain", "checkpoint", "momres-float", "momres-exact"]
@@ -47,12 +47,9 @@ def main() -> None:
     steps = {"plain": functools.partial(step_time, models["plain"], x),
              "recompute floor": functools.partial(floor_step_time, models["plain"], x)}
     steps |= {s: functools.partial(step_time, m, x) for s, m in models.items() if s != "plain"}
-    if args.fused:
-        start = time.perf_counter()
-        with_fusion("1", models["momres-exact"], x)
-        print(f"first fused step (compiles): {time.perf_counter() - start:.1f} s")
-        steps["momres-exact fused"] = functools.partial(
-            with_fusion, "1", models["momres-exact"], x)
+    if args.eager:
+        steps["momres-exact eager"] = functools.partial(eager_step_time, models["momres-exact"],
+                                                        x)
     times = interleaved(steps, args.rounds)
     print(f"depth {args.depth}, batch {args.batch}, {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")

@@ -17,6 +17,9 @@ This keeps every step a plain, vectorised floating-point kernel: no int64 divisi
 magnitude slower on CPUs) and no int/float conversions.  The price is range: values must stay
 below 2**52 in magnitude, which the caller checks (``range_limit``) and the buffer is spilled
 before it would outgrow 2**53 (``spill_schedule``).
+
+The step functions here are the eager reference; on the CPU the fused kernels of ``_kernels``
+compute the same integers in one pass per element, and these run where those cannot.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
-"""Fused kernels for the exact arithmetic, compiled with ``torch.compile`` (opt-in).
+"""Fused kernels for the exact arithmetic on CUDA, compiled with ``torch.compile`` (opt-in).
 
-On the CPU the exact step runs eagerly, chunk by chunk (``_exact.CHUNK``): its dozen
-elementwise passes then run over two small scratch tensors that stay in the cache, which is
-most of what fusing would bring, with no compilation at all.  On CUDA a chunk is the whole
-tensor, and each pass is a kernel launch: there ``MOMRES_FUSE=auto`` compiles the step into one
-kernel (untested here: no GPU was available).  ``MOMRES_FUSE=1`` compiles on every device (the
-tests use this to check that compiled and eager steps give the same integers), the default
-``MOMRES_FUSE=0`` never.  The compiled function is the eager one, traced, so both compute the
-same integers; forward and backward of a stage pick the same path, because the choice depends
-only on the device.  If compiling fails it falls back to the eager code, with one warning.
+On the CPU the fused kernels are plain C (``_kernels``), built in a fraction of a second and
+cached.  On CUDA each eager pass of the exact step is a kernel launch: there
+``MOMRES_FUSE=auto`` compiles the step into one kernel (untested here: no GPU was available),
+which takes 5 to 16 s on first use in every new process.  ``MOMRES_FUSE=1`` compiles on every
+device, the CPU included, instead of using the C kernels (the tests use this to check, on the
+CPU, that the compiled step gives the eager integers); the default ``MOMRES_FUSE=0`` never
+compiles.  The compiled function is the eager one, traced, so both compute the same integers.
+If compiling fails it falls back to the eager code, with one warning.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ _compiled: dict[Callable, Callable] = {}
 _broken = False
 
 
-def _wanted(like: torch.Tensor) -> bool:
+def fusing(like: torch.Tensor) -> bool:
+    """Whether the exact arithmetic on tensors like ``like`` runs compiled (``fused``)."""
     setting = os.environ.get("MOMRES_FUSE", "0")
     if _broken:
         return False
@@ -32,7 +32,7 @@ def _wanted(like: torch.Tensor) -> bool:
 
 def fused(fn: Callable, like: torch.Tensor) -> Callable:
     """``fn`` compiled into one kernel when asked for tensors like ``like``, else ``fn``."""
-    if not _wanted(like):
+    if not fusing(like):
         return fn
     if fn not in _compiled:
         _compiled[fn] = _with_fallback(fn, torch.compile(fn, dynamic=True))

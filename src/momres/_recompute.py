@@ -296,16 +296,31 @@ class Replayer:
                 "backward() before changing the parameters."
             )
 
-    def pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float = 1.0
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float = 1.0,
+             use: Callable[[torch.Tensor], None] | None = None
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Block ``n`` at ``x``, evaluated once: its value ``g`` and ``J_x^T cotangent``.
 
         ``scale * (dg/dtheta)^T cotangent`` is added to the gradients of the block's parameters
-        and of the tensor arguments.
+        and of the tensor arguments.  With ``use``, ``g`` is handed to ``use(g)`` as soon as it
+        exists and is not kept (``None`` is returned in its place): the block's backward, where
+        a memory-free step peaks, then runs without its output in memory (through the output's
+        gradient edge), unless the graph itself keeps it.
         """
         x = x.detach().requires_grad_()
         if self.stage.sharded[n]:
-            return self._pull_sharded(n, x, cotangent, scale)
+            g, grad = self._pull_sharded(n, x, cotangent, scale)
+        else:
+            g, grad = self._pull(n, x, cotangent, scale, use)
+        if use is not None and g is not None:  # not used yet
+            use(g)
+            g = None
+        return g, grad
+
+    def _pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float,
+              use: Callable[[torch.Tensor], None] | None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``pull`` for a block that is not sharded: ``g`` is ``None`` if ``use`` took it."""
         f, indices = self.stage.functions[n], self.stage.block_params[n]
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
@@ -315,15 +330,19 @@ class Replayer:
                 self._audit(n, x, y)
         mine = [j for j in indices if self.param_needs[j]]
         wrt = [x, *(self.leaves[j] for j in mine), *self.grad_args]
+        # A block with its own skip: g = y - x, whose vector-Jacobian product is the block's
+        # minus the cotangent.  Taken outside the graph: one node and two passes fewer.
+        g = y.detach() if self.stage.residual else y.detach() - x.detach()
+        if use is not None and y.grad_fn is not None:
+            use(g)
+            g, y = None, torch.autograd.graph.get_gradient_edge(y)
         grads = torch.autograd.grad(y, wrt, cotangent, allow_unused=True)
         _accumulate(self.param_grads, mine, grads[1 : 1 + len(mine)], scale)
         _accumulate(self.arg_grads, range(len(self.grad_args)), grads[1 + len(mine) :], scale)
-        if self.stage.residual:
-            return y.detach(), grads[0]
-        # A block with its own skip: g = y - x, whose vector-Jacobian product is the block's
-        # minus the cotangent.  Taken outside the graph: one node and two passes fewer.
-        g = y.detach() - x.detach()
-        return g, -cotangent if grads[0] is None else grads[0] - cotangent
+        grad = grads[0]
+        if not self.stage.residual:
+            grad = -cotangent if grad is None else grad - cotangent
+        return g, grad
 
     def _pull_sharded(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:

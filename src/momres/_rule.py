@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _exact, debug
-from ._fusion import fused
+from . import _exact, _kernels, debug
+from ._fusion import fused, fusing
 from ._recompute import Recorder, Replayer, Stage, graph_kept
 
 
@@ -81,6 +81,11 @@ class Inversion:
     def rebuild(self, n: int, g: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def rebuilds_in_place(self) -> bool:
+        """Whether ``rebuild`` allocates nothing (it may then run while a block's graph is
+        held: ``backward_step``)."""
+        return True
+
     def verify(self) -> None:
         """Raise if the rebuilt state is not the forward's (where that can be told)."""
 
@@ -122,10 +127,15 @@ class FloatInversion(Inversion):
         self.x.add_(self.v)
 
     def finish(self):
-        return self.x, self.v, [self.x, self.v, self.moments], None
+        # v is saved as our own tensor and a copy is the output (usually dropped), so that
+        # the backward rebuilds v in place instead of copying it at its peak.
+        return self.x, self.v.clone(), [self.x, self.v, self.moments], None
 
     def resume(self, saved, layout):
-        self.x, self.v, self.moments = saved[0].clone(), saved[1].clone(), saved[2]
+        # x's value is the stage's output, which is not ours to change: a copy.  v is ours,
+        # unless a later backward pass (retain_graph=True) needs it again.
+        self.x, self.moments = saved[0].clone(), saved[2]
+        self.v = saved[1].clone() if graph_kept() else saved[1]
 
     def retreat(self):
         return self.x.sub_(self.v)
@@ -171,7 +181,8 @@ class ExactInversion(Inversion):
     Backward, where the peak of a memory-free step is: ``x`` stays in the compact form the
     forward saved it in (its value in the activations' dtype, which is also the block's input,
     and the remainder to the grid in units), the buffer stays in its narrow integer type, and
-    the arithmetic runs chunk by chunk through two small float64 scratch tensors.
+    the arithmetic runs as one fused C kernel per step (``_kernels``), or, where those cannot
+    run, eagerly, chunk by chunk through two small float64 scratch tensors.
     """
 
     def __init__(self, rule, dtype, depth):
@@ -185,10 +196,11 @@ class ExactInversion(Inversion):
         k = self.rule.frac_bits
         self.x0, self.v0 = x0, v0
         self.X, self.V = _exact.to_grid(x0, k), _exact.to_units(v0, k)
-        self.buf, self.tmp = torch.zeros_like(self.X), torch.empty_like(self.X)
+        self.buf, self.tmp = torch.zeros_like(self.X), None
         self.checksum = torch.stack([self.X.sum(), self.V.sum()])
         self.spilled: list[torch.Tensor] = []
         self.gmax: list[torch.Tensor] = []
+        self.kernels = None if fusing(self.X) else _kernels.kernels(self.X)
         self.step = fused(_exact.forward_step_, self.X)
 
     def position(self):
@@ -201,6 +213,12 @@ class ExactInversion(Inversion):
         g = g.to(self.dtype)
         self.gmax.extend(_extremes(g))
         rule = self.rule
+        if self.kernels is not None and _kernels.forward_step_(
+                self.kernels, self.X, self.V, self.buf, g, rule.num, rule.den, self.scale,
+                self.unit):
+            return
+        if self.tmp is None:
+            self.tmp = torch.empty_like(self.X)
         self.V, self.buf, self.tmp = self.step(self.X, self.V, self.buf, self.tmp, g, rule.num,
                                                rule.den, self.scale, self.unit)
 
@@ -231,10 +249,14 @@ class ExactInversion(Inversion):
         self.checksum, self.spilled = saved[2], [own(t) for t in saved[3:]] if copy else saved[3:]
         self.leftovers: list[torch.Tensor] = []
         self.rows = _exact.chunk_rows(self.x)
+        self.kernels = None if fusing(self.x) else _kernels.kernels(self.x)
         self.step = fused(_exact.backward_chunk_, self.x)
 
     def retreat(self):
         # x_n = x_{n+1} - v_{n+1}; the value part is the block's input, shared, not copied.
+        if self.kernels is not None and _kernels.retreat_(self.kernels, self.x, self.remainder,
+                                                          self.V, self.rule.frac_bits):
+            return self.x
         if self.remainder is None:  # float64: the value is the grid value itself
             self.x.sub_(self.V, alpha=self.unit)
         else:
@@ -244,13 +266,20 @@ class ExactInversion(Inversion):
         return self.x
 
     def rebuild(self, n, g):
-        rule, (b, t) = self.rule, _exact.scratch(self.x, self.rows)
-        for v, buf, gc in _exact.chunks(self.rows, self.V, self.buf, g.to(self.dtype)):
-            self.step(v, buf, gc, _exact.shaped(b, v), _exact.shaped(t, v), rule.num, rule.den,
-                      self.scale)
+        rule, g = self.rule, g.to(self.dtype)
+        if self.kernels is None or not _kernels.backward_step_(
+                self.kernels, self.V, self.buf, g, rule.num, rule.den, self.scale):
+            b, t = _exact.scratch(self.x, self.rows)
+            for v, buf, gc in _exact.chunks(self.rows, self.V, self.buf, g):
+                self.step(v, buf, gc, _exact.shaped(b, v), _exact.shaped(t, v), rule.num,
+                          rule.den, self.scale)
         if self.schedule[n]:
             self.leftovers.append(self.buf.any())
             self.buf = self.spilled.pop()
+
+    def rebuilds_in_place(self):
+        # The eager arithmetic needs float64 scratch (whole tensors on CUDA).
+        return self.kernels is not None
 
     def _grid(self) -> torch.Tensor:
         return _exact.join_grid(self.x, self.remainder, self.rule.frac_bits)
@@ -436,10 +465,15 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
     x = state.retreat()
     a_x = torch.zeros_like(x) if a_x is None else a_x
     b = a_x.clone() if a_v is None else a_v.add_(a_x)
-    # One evaluation of the block, used for the gradient and to rebuild v_n.
-    g, grad = replay.pull(block, x, b, 1 - gamma)
+    # One evaluation of the block, used for the gradient and to rebuild v_n: before the
+    # block's backward where the rebuild needs no memory of its own, so that g is not held
+    # through it; else after, when the block's graph is gone.
+    early = state.rebuilds_in_place()
+    g, grad = replay.pull(block, x, b, 1 - gamma,
+                          use=(lambda g: state.rebuild(n, g)) if early else None)
     if grad is not None:
         a_x.add_(grad, alpha=1 - gamma)
     a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
-    state.rebuild(n, g)
+    if g is not None:  # not rebuilt early
+        state.rebuild(n, g)
     return a_x, a_v

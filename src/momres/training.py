@@ -57,8 +57,10 @@ RESUMABLE = frozenset({"epochs", "out", "device", "workers", "progress", "data_d
 #: What every momres checkpoint holds.
 CHECKPOINT_KEYS = ("momres", "epoch", "config", "model", "optimizer", "scheduler", "scaler",
                    "rng", "records", "best_accuracy")
-#: What torch.load raises for a file that is not a (whole) PyTorch file.
-UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)
+#: What torch.load raises for a file that is not a (whole) PyTorch file.  A truncated zip is
+#: read as a legacy pickle, where the weights-only unpickler can also fail on its own stack
+#: (IndexError) or memo (KeyError), depending on the bytes.
+UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, IndexError, KeyError)
 
 
 @dataclass

@@ -1,0 +1,176 @@
+/* Fused CPU kernels for momres's exact arithmetic (momres/_exact.py): one pass per element
+ * where the eager code makes a dozen.  Plain C, no torch headers: compiled on first use by
+ * momres/_kernels.py (a fraction of a second) and called through ctypes on the data of
+ * contiguous tensors.
+ *
+ * Integers are held in doubles, as in _exact.py; every value stays below 2**53 in magnitude,
+ * so sums, differences and products by num or den are exact.  Floor division by a small
+ * integer d multiplies by the rounded reciprocal and corrects the quotient by one step: for
+ * |a| < 2**53 the product is within 2/d of a/d, so the floor is off by at most one, and the
+ * remainder a - q*d (exact) tells which way.  The results are the exact floor and modulo,
+ * which the eager division computes too: the two agree bit for bit (tests/test_kernels.py).
+ *
+ * Compile with -ffp-contract=off: no product may be fused into an addition (all of them are
+ * exact here except g*scale, which is rounded before anything is added to it, and that must
+ * round as torch rounds it, in g's own type).
+ */
+#include <math.h>
+#include <stdint.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* One clone per instruction set where the compiler can dispatch at load time (x86-64 GCC and
+ * clang): AVX2 vectorises the divisions' replacements and the roundings; "default" runs
+ * everywhere. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MOMRES_NO_CLONES)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* Elements per thread below which a kernel runs on the calling thread alone. */
+#define MIN_PER_THREAD 32768
+
+/* q = floor(a / d) and *r = a - q*d in [0, d), exactly (inv: the double nearest 1/d). */
+static inline double floordiv(double a, double d, double inv, double *r) {
+    double q = floor(a * inv);
+    double m = a - q * d;
+    q = m < 0 ? q - 1 : q;
+    m = m < 0 ? m + d : m;
+    q = m >= d ? q + 1 : q;
+    m = m >= d ? m - d : m;
+    *r = m;
+    return q;
+}
+
+/* Exactly c <- c*num/den with the lost bits pushed onto the buffer i >= 0 (_exact.mul_frac_):
+ * i <- i*den + (c mod den); c <- c div den; c <- c*num + (i mod num); i <- i div num. */
+static inline void mul_frac(double *c, double *i, double num, double den, double inv_num,
+                            double inv_den) {
+    double r, s;
+    double q = floordiv(*c, den, inv_den, &r);
+    double q2 = floordiv(*i * den + r, num, inv_num, &s);
+    *c = q * num + s;
+    *i = q2;
+}
+
+/* Runs body(lo, hi) over [0, n) on up to `threads` threads, in contiguous slices. */
+#ifdef _OPENMP
+#define PARALLEL(n, threads, call)                                                      \
+    do {                                                                                \
+        int64_t n_ = (n);                                                               \
+        int t_ = (int)(n_ / MIN_PER_THREAD);                                            \
+        t_ = t_ < (threads) ? t_ : (threads);                                           \
+        if (t_ <= 1) {                                                                  \
+            int64_t lo = 0, hi = n_;                                                    \
+            call;                                                                       \
+        } else {                                                                        \
+            _Pragma("omp parallel num_threads(t_)") {                                   \
+                int k_ = omp_get_thread_num(), m_ = omp_get_num_threads();              \
+                int64_t lo = n_ * k_ / m_, hi = n_ * (k_ + 1) / m_;                     \
+                call;                                                                   \
+            }                                                                           \
+        }                                                                               \
+    } while (0)
+#else
+#define PARALLEL(n, threads, call)                                                      \
+    do {                                                                                \
+        int64_t lo = 0, hi = (n);                                                       \
+        (void)(threads);                                                                \
+        call;                                                                           \
+    } while (0)
+#endif
+
+/* Forward step (_exact.forward_step_): v <- v*num/den + round(scale*g); x <- x + v*unit.
+ * x, v, buf: double; g: the activations' type G, the product scale*g rounded in G as torch
+ * computes it.  SUFFIX names G. */
+#define FORWARD(SUFFIX, G)                                                              \
+    CLONES static void forward_##SUFFIX##_range(                                        \
+        double *restrict x, double *restrict v, double *restrict buf, const G *restrict g, \
+        int64_t lo, int64_t hi, double num, double den, double scale, double unit) {   \
+        double inv_num = 1.0 / num, inv_den = 1.0 / den;                               \
+        G s = (G)scale;                                                                 \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            double c = v[j], i = buf[j];                                                \
+            mul_frac(&c, &i, num, den, inv_num, inv_den);                               \
+            c += rint((double)(G)(g[j] * s));                                           \
+            v[j] = c;                                                                   \
+            buf[j] = i;                                                                 \
+            x[j] += c * unit;                                                           \
+        }                                                                               \
+    }                                                                                   \
+    void momres_forward_##SUFFIX(double *x, double *v, double *buf, const G *g,        \
+                                 int64_t n, int64_t num, int64_t den, double scale,    \
+                                 double unit, int threads) {                           \
+        PARALLEL(n, threads, forward_##SUFFIX##_range(x, v, buf, g, lo, hi, (double)num, \
+                                                      (double)den, scale, unit));      \
+    }
+
+FORWARD(f32, float)
+FORWARD(f64, double)
+
+/* Backward step (_exact.backward_chunk_): v <- (v - round(scale*g)) * den/num, the buffer
+ * giving back the bits, and stored again in its narrow type B. */
+#define BACKWARD(SUFFIX, G, B)                                                          \
+    CLONES static void backward_##SUFFIX##_range(                                       \
+        double *restrict v, B *restrict buf, const G *restrict g, int64_t lo, int64_t hi, \
+        double num, double den,                                                         \
+        double scale) {                                                                 \
+        double inv_num = 1.0 / num, inv_den = 1.0 / den;                               \
+        G s = (G)scale;                                                                 \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            double c = v[j] - rint((double)(G)(g[j] * s)), i = (double)buf[j];          \
+            mul_frac(&c, &i, den, num, inv_den, inv_num);                               \
+            v[j] = c;                                                                   \
+            buf[j] = (B)i;                                                              \
+        }                                                                               \
+    }                                                                                   \
+    void momres_backward_##SUFFIX(double *v, B *buf, const G *g, int64_t n, int64_t num, \
+                                  int64_t den, double scale, int threads) {            \
+        PARALLEL(n, threads, backward_##SUFFIX##_range(v, buf, g, lo, hi, (double)num,  \
+                                                       (double)den, scale));           \
+    }
+
+BACKWARD(f32_u8, float, uint8_t)
+BACKWARD(f32_i16, float, int16_t)
+BACKWARD(f32_i32, float, int32_t)
+BACKWARD(f32_f64, float, double)
+BACKWARD(f64_u8, double, uint8_t)
+BACKWARD(f64_i16, double, int16_t)
+BACKWARD(f64_i32, double, int32_t)
+BACKWARD(f64_f64, double, double)
+
+/* Retreat (_exact.retreat_chunk_): x <- x - v on the split form, x the value in float32 and
+ * r the remainder to the grid 2**-k in units (int32): U = x*2**k + r - v, exact; the new x is
+ * U*2**-k rounded to float32, the new r what that rounding left. */
+CLONES static void retreat_f32_range(float *restrict x, int32_t *restrict r,
+                                     const double *restrict v, int64_t lo,
+                                     int64_t hi, double up, double down) {
+    for (int64_t j = lo; j < hi; j++) {
+        double u = (double)x[j] * up + (double)r[j] - v[j];
+        float y = (float)(u * down);
+        x[j] = y;
+        r[j] = (int32_t)(u - (double)y * up);
+    }
+}
+
+void momres_retreat_f32(float *x, int32_t *r, const double *v, int64_t n, int frac_bits,
+                        int threads) {
+    double up = ldexp(1.0, frac_bits), down = ldexp(1.0, -frac_bits);
+    PARALLEL(n, threads, retreat_f32_range(x, r, v, lo, hi, up, down));
+}
+
+/* The same for float64 activations, whose value is the grid value itself: x <- x - v*2**-k. */
+CLONES static void retreat_f64_range(double *restrict x, const double *restrict v, int64_t lo,
+                                     int64_t hi,
+                                     double down) {
+    for (int64_t j = lo; j < hi; j++)
+        x[j] -= v[j] * down;
+}
+
+void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, int threads) {
+    double down = ldexp(1.0, -frac_bits);
+    PARALLEL(n, threads, retreat_f64_range(x, v, lo, hi, down));
+}
