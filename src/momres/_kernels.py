@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the exact arithmetic and the floating-point rule, in plain C (``_kernels.c``), compiled on first use.
+"""Fused CPU kernels in plain C (``_kernels.c``), compiled on first use: the exact arithmetic
+and the floating-point rule.
 
 Eagerly, one block of the exact rule is a dozen elementwise torch passes per direction, each
 a Python call and a trip through memory; ``_kernels.c`` does each step in one pass per
