@@ -222,3 +222,64 @@ def test_the_cache_is_reused_in_a_new_process(tmp_path):
     mtime = built[0].stat().st_mtime_ns
     run()
     assert sorted(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("gamma", [0.9, 0.0, 1 / 3])
+def test_rule_kernels_match_the_eager_operations(dtype, residual, gamma):
+    """The floating-point rule's kernels give torch's numbers bit for bit (an odd length, so
+    that a vectorised body and its scalar tail are both checked)."""
+    gen, lib, n = torch.Generator().manual_seed(3), library(), 100_003
+    x, v, y, a_x, a_v = (activations(n, dtype, gen) for _ in range(5))
+    g = y if residual else y - x
+    v_new = torch.mul(v, gamma).add_(g, alpha=1 - gamma)
+    for got, want in zip(_kernels.rule_forward(lib, x, v, y, gamma, residual),
+                         (x + v_new, v_new), strict=True):
+        assert torch.equal(got, want)
+    xa, va = x.clone(), v.clone()
+    assert _kernels.rule_advance_(lib, xa, va, g, gamma)
+    assert torch.equal(va, v_new) and torch.equal(xa, x + v_new)
+    if gamma:
+        vr = v.clone()
+        assert _kernels.rule_rebuild_(lib, vr, g, gamma)
+        assert torch.equal(vr, v.clone().sub_(g, alpha=1 - gamma).div_(gamma))
+    b = a_x + a_v
+    d_y = b * (1 - gamma)
+    want = (a_x if residual else a_x - d_y, b * gamma, d_y)
+    for got, w in zip(_kernels.rule_backward(lib, a_x, a_v, gamma, residual), want, strict=True):
+        assert torch.equal(got, w)
+
+
+def test_rule_kernels_refuse_mixed_or_strided_tensors():
+    lib, x = library(), torch.randn(8, 6)
+    assert _kernels.rule_forward(lib, x, x.double(), x, 0.9, True) is None
+    assert _kernels.rule_backward(lib, x.t(), x.t().contiguous(), 0.9, True) is None
+    assert not _kernels.rule_advance_(lib, x.half(), x.half(), x.half(), 0.9)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_momentum_rule_with_kernels_matches_eager(monkeypatch, memory_efficient):
+    """A stage under autograd (``RuleStep``) and in float mode, kernels on and off: the same
+    outputs and gradients; and the two modes agree with each other as before."""
+    def run(kernels):
+        monkeypatch.setenv("MOMRES_KERNELS", "1" if kernels else "0")
+        torch.manual_seed(0)
+        blocks = [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Tanh()) for _ in range(6)]
+        net = momres.MomentumNet(blocks, 0.9, residual=False, exact=False,
+                                 memory_efficient=memory_efficient)
+        x = torch.randn(64, 4, 8, 8, requires_grad=True)
+        out = net(x)
+        out.square().sum().backward()
+        return [out.detach(), x.grad, *(p.grad for p in net.parameters())]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_through_the_rule_runs_the_differentiable_operations(monkeypatch):
+    torch.manual_seed(0)
+    net = momres.MomentumNet([nn.Sequential(nn.Linear(5, 5), nn.Tanh()) for _ in range(3)],
+                             0.9, memory_efficient=False).double()
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(net, (x,))

@@ -174,3 +174,76 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
     double down = ldexp(1.0, -frac_bits);
     PARALLEL(n, threads, retreat_f64_range(x, v, lo, hi, down));
 }
+
+/* The momentum rule in floating point (_rule.RuleStep under autograd, FloatInversion in float
+ * mode): one pass where torch makes two to four.  Each product-and-sum is one fused
+ * multiply-add, as torch's vectorised `add(a, b, alpha=c)` computes `a + c*b`, so that the
+ * kernels and the eager operations give the same numbers (tests/test_kernels.py); the other
+ * operations round once each, as torch's do.  T is float or double, gamma and alpha = 1 - gamma
+ * already rounded to T. */
+#define RULE(SUFFIX, T, FMA)                                                            \
+    /* (x, v, y) -> (x + v', v'), v' = gamma*v + alpha*g, g = y or y - x. */             \
+    CLONES static void rule_forward_##SUFFIX##_range(                                   \
+        const T *restrict x, const T *restrict v, const T *restrict y, T *restrict xo,   \
+        T *restrict vo, int64_t lo, int64_t hi, T gamma, T alpha, int residual) {      \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T g = residual ? y[j] : y[j] - x[j];                                        \
+            T w = FMA(g, alpha, v[j] * gamma);                                          \
+            vo[j] = w;                                                                  \
+            xo[j] = x[j] + w;                                                           \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_forward_##SUFFIX(const T *x, const T *v, const T *y, T *xo, T *vo,  \
+                                      int64_t n, double gamma, double alpha, int residual, \
+                                      int threads) {                                   \
+        PARALLEL(n, threads, rule_forward_##SUFFIX##_range(x, v, y, xo, vo, lo, hi,      \
+                                                           (T)gamma, (T)alpha, residual)); \
+    }                                                                                   \
+    /* The same in place, g given: v <- gamma*v + alpha*g; x <- x + v. */                \
+    CLONES static void rule_advance_##SUFFIX##_range(                                   \
+        T *restrict x, T *restrict v, const T *restrict g, int64_t lo, int64_t hi,      \
+        T gamma, T alpha) {                                                             \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T w = FMA(g[j], alpha, v[j] * gamma);                                       \
+            v[j] = w;                                                                   \
+            x[j] += w;                                                                  \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_advance_##SUFFIX(T *x, T *v, const T *g, int64_t n, double gamma,  \
+                                      double alpha, int threads) {                     \
+        PARALLEL(n, threads, rule_advance_##SUFFIX##_range(x, v, g, lo, hi, (T)gamma,     \
+                                                           (T)alpha));                 \
+    }                                                                                   \
+    /* Its inverse for v, in place: v <- (v - alpha*g) / gamma. */                       \
+    CLONES static void rule_rebuild_##SUFFIX##_range(                                   \
+        T *restrict v, const T *restrict g, int64_t lo, int64_t hi, T gamma, T alpha) { \
+        for (int64_t j = lo; j < hi; j++)                                              \
+            v[j] = FMA(g[j], -alpha, v[j]) / gamma;                                     \
+    }                                                                                   \
+    void momres_rule_rebuild_##SUFFIX(T *v, const T *g, int64_t n, double gamma,         \
+                                      double alpha, int threads) {                     \
+        PARALLEL(n, threads, rule_rebuild_##SUFFIX##_range(v, g, lo, hi, (T)gamma,        \
+                                                           (T)alpha));                 \
+    }                                                                                   \
+    /* RuleStep's backward: b = a_x + a_v; dy = alpha*b; dv = gamma*b; dx = a_x - dy (a   \
+     * block with its own skip) or a_x itself (a residual branch: not written). */       \
+    CLONES static void rule_backward_##SUFFIX##_range(                                  \
+        const T *restrict ax, const T *restrict av, T *restrict dx, T *restrict dv,      \
+        T *restrict dy, int64_t lo, int64_t hi, T gamma, T alpha, int residual) {      \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T b = ax[j] + av[j], d = b * alpha;                                         \
+            dy[j] = d;                                                                  \
+            dv[j] = b * gamma;                                                          \
+            if (!residual)                                                              \
+                dx[j] = ax[j] - d;                                                      \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_backward_##SUFFIX(const T *ax, const T *av, T *dx, T *dv, T *dy,    \
+                                       int64_t n, double gamma, double alpha, int residual, \
+                                       int threads) {                                  \
+        PARALLEL(n, threads, rule_backward_##SUFFIX##_range(ax, av, dx, dv, dy, lo, hi,  \
+                                                            (T)gamma, (T)alpha, residual)); \
+    }
+
+RULE(f32, float, fmaf)
+RULE(f64, double, fma)

@@ -1,4 +1,5 @@
-"""Fused CPU kernels for the exact arithmetic, in plain C (``_kernels.c``), compiled on first use.
+"""Fused CPU kernels in plain C (``_kernels.c``), compiled on first use: the exact arithmetic
+and the floating-point rule.
 
 Eagerly, one block of the exact rule is a dozen elementwise torch passes per direction, each
 a Python call and a trip through memory; ``_kernels.c`` does each step in one pass per
@@ -11,7 +12,8 @@ temporary name and renamed into place, so that concurrent processes never see ha
 Later processes only load it.
 
 :func:`kernels` gives the loaded library, or ``None`` where the eager code runs instead: not on
-the CPU, ``MOMRES_KERNELS=0``, or no working compiler (one warning per process).  The callers
+the CPU, under a tracer (``jit.trace``, ``torch.export``, ``torch.compile``), ``MOMRES_KERNELS=0``,
+or no working compiler (one warning per process).  The callers
 check each tensor (:func:`supported`): contiguous, of a type the kernels are made for;
 anything else (float16, bfloat16, strided views) runs eagerly, with the same results.
 """
@@ -45,6 +47,12 @@ FUNCTIONS = {
        for g in ("f32", "f64") for b in ("u8", "i16", "i32", "f64")},
     "momres_retreat_f32": [_ptr, _ptr, _ptr, _i64, _int, _int],
     "momres_retreat_f64": [_ptr, _ptr, _i64, _int, _int],
+    **{f"momres_rule_{name}_{t}": arguments for t in ("f32", "f64") for name, arguments in {
+        "forward": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
+        "advance": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
+        "rebuild": [_ptr, _ptr, _i64, _f64, _f64, _int],
+        "backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
+    }.items()},
 }
 
 _library: ctypes.CDLL | None = None
@@ -112,6 +120,10 @@ def kernels(like: torch.Tensor) -> ctypes.CDLL | None:
     """The kernels for tensors like ``like``, or ``None`` where the eager code must run."""
     global _library, _failed
     if like.device.type != "cpu" or _failed or os.environ.get("MOMRES_KERNELS", "1") == "0":
+        return None
+    # Tracers (jit.trace, export, compile) see tensors without data, or would record nothing
+    # of a call through ctypes: they get the eager operations.
+    if type(like) is not torch.Tensor or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return None
     if _library is None:
         try:
@@ -183,3 +195,64 @@ def retreat_(lib: ctypes.CDLL, x: torch.Tensor, remainder: torch.Tensor | None,
     else:
         return False
     return True
+
+
+# The momentum rule in floating point: each function returns ``None`` (or ``False``) where the
+# kernels cannot run, and the caller runs the eager operations, which give the same numbers.
+
+def _floats(*tensors: torch.Tensor) -> str | None:
+    """The suffix of the rule's kernels for ``tensors``: one floating type, one layout."""
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.float64) or not supported(*tensors) or any(
+            t.dtype != dtype for t in tensors):
+        return None
+    return SUFFIX[dtype]
+
+
+def rule_forward(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, y: torch.Tensor,
+                 gamma: float, residual: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(x + v', v')`` with ``v' = gamma*v + (1-gamma)*g``, ``g = y`` or ``y - x`` (new
+    tensors), as ``_rule.RuleStep`` computes it eagerly."""
+    suffix = _floats(x, v, y)
+    if suffix is None:
+        return None
+    x_out, v_out = torch.empty_like(x), torch.empty_like(v)
+    getattr(lib, f"momres_rule_forward_{suffix}")(
+        x.data_ptr(), v.data_ptr(), y.data_ptr(), x_out.data_ptr(), v_out.data_ptr(),
+        x.numel(), gamma, 1 - gamma, residual, torch.get_num_threads())
+    return x_out, v_out
+
+
+def rule_advance_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                  gamma: float) -> bool:
+    """``v <- gamma*v + (1-gamma)*g; x <- x + v`` in place (``FloatInversion.advance``)."""
+    suffix = _floats(x, v, g)
+    if suffix is not None:
+        getattr(lib, f"momres_rule_advance_{suffix}")(
+            x.data_ptr(), v.data_ptr(), g.data_ptr(), x.numel(), gamma, 1 - gamma,
+            torch.get_num_threads())
+    return suffix is not None
+
+
+def rule_rebuild_(lib: ctypes.CDLL, v: torch.Tensor, g: torch.Tensor, gamma: float) -> bool:
+    """``v <- (v - (1-gamma)*g) / gamma`` in place (``FloatInversion.rebuild``)."""
+    suffix = _floats(v, g)
+    if suffix is not None:
+        getattr(lib, f"momres_rule_rebuild_{suffix}")(
+            v.data_ptr(), g.data_ptr(), v.numel(), gamma, 1 - gamma, torch.get_num_threads())
+    return suffix is not None
+
+
+def rule_backward(lib: ctypes.CDLL, a_x: torch.Tensor, a_v: torch.Tensor, gamma: float,
+                  residual: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``RuleStep``'s gradients ``(dL/dx, dL/dv, dL/dy)`` from those of its outputs (``dL/dx``
+    is ``a_x`` itself for a residual branch)."""
+    suffix = _floats(a_x, a_v)
+    if suffix is None:
+        return None
+    d_v, d_y = torch.empty_like(a_x), torch.empty_like(a_x)
+    d_x = a_x if residual else torch.empty_like(a_x)
+    getattr(lib, f"momres_rule_backward_{suffix}")(
+        a_x.data_ptr(), a_v.data_ptr(), d_x.data_ptr(), d_v.data_ptr(), d_y.data_ptr(),
+        a_x.numel(), gamma, 1 - gamma, residual, torch.get_num_threads())
+    return d_x, d_v, d_y

@@ -117,14 +117,17 @@ class FloatInversion(Inversion):
     def start(self, x0, v0):
         self.x, self.v = x0.detach().clone(), v0.detach().clone()
         self.moments = _moments(self.x, self.v)
+        self.kernels = _kernels.kernels(self.x)
 
     def position(self):
         return self.x
 
     def advance(self, n, g):
         gamma = self.rule.gamma
-        self.v.mul_(gamma).add_(g, alpha=1 - gamma)
-        self.x.add_(self.v)
+        if self.kernels is None or not _kernels.rule_advance_(self.kernels, self.x, self.v, g,
+                                                               gamma):
+            self.v.mul_(gamma).add_(g, alpha=1 - gamma)
+            self.x.add_(self.v)
 
     def finish(self):
         # v is saved as our own tensor and a copy is the output (usually dropped), so that
@@ -136,13 +139,15 @@ class FloatInversion(Inversion):
         # unless a later backward pass (retain_graph=True) needs it again.
         self.x, self.moments = saved[0].clone(), saved[2]
         self.v = saved[1].clone() if graph_kept() else saved[1]
+        self.kernels = _kernels.kernels(self.x)
 
     def retreat(self):
         return self.x.sub_(self.v)
 
     def rebuild(self, n, g):
         gamma = self.rule.gamma
-        self.v.sub_(g, alpha=1 - gamma).div_(gamma)
+        if self.kernels is None or not _kernels.rule_rebuild_(self.kernels, self.v, g, gamma):
+            self.v.sub_(g, alpha=1 - gamma).div_(gamma)
 
     def verify(self):
         # Deviation of each moment relative to the state's size: sums against
@@ -393,7 +398,9 @@ class RuleStep(torch.autograd.Function):
 
     The forward computes the same numbers as ``FloatInversion.advance`` (the same operations
     in the same order).  The backward is linear in the incoming gradients and written with
-    differentiable operations, so it can itself be differentiated (double backward).
+    differentiable operations, so it can itself be differentiated (double backward).  On the
+    CPU each direction is one pass of a C kernel (``_kernels``) where that can run, with the
+    same numbers; a double backward runs the differentiable operations.
     """
 
     @staticmethod
@@ -401,6 +408,10 @@ class RuleStep(torch.autograd.Function):
                 residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.gamma, ctx.residual = gamma, residual
         ctx.set_materialize_grads(False)
+        lib = _kernels.kernels(x)
+        fused = lib and _kernels.rule_forward(lib, x, v, y, gamma, residual)
+        if fused:
+            return fused
         g = y if residual else y - x
         v = torch.mul(v, gamma).add_(g, alpha=1 - gamma)
         return x + v, v
@@ -412,6 +423,11 @@ class RuleStep(torch.autograd.Function):
         b = a_v if a_x is None else a_x if a_v is None else a_x + a_v
         if b is None:
             return None, None, None, None, None
+        lib = _kernels.kernels(b) if a_x is not None and a_v is not None else None
+        if lib is not None and not torch.is_grad_enabled():  # else: double backward
+            fused = _kernels.rule_backward(lib, a_x, a_v, gamma, ctx.residual)
+            if fused is not None:
+                return *fused, None, None
         grad_y = b * (1 - gamma)
         grad_x = a_x if ctx.residual else (-grad_y if a_x is None else a_x - grad_y)
         return grad_x, b * gamma, grad_y, None, None
