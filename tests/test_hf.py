@@ -154,6 +154,27 @@ def test_a_loss_on_intermediate_hidden_states_too():
     assert rel(fast, grads(momres.to_momentum(model, 0.9, memory_efficient=False))) < 1e-8
 
 
+def test_each_layer_is_audited_once_not_every_step(monkeypatch):
+    """The graph audit (forward with grad, graphs walked) runs on a layer's first step only."""
+    from momres import _recompute
+
+    calls = []
+    audited = _recompute.Recorder._audited
+    monkeypatch.setattr(_recompute.Recorder, "_audited",
+                        lambda self, *a: calls.append(1) or audited(self, *a))
+    original = tiny("gpt2").train()
+    model = momres.to_momentum(original, 0.9)
+    batch = inputs("gpt2")
+    plain = momres.to_momentum(original, 0.9, memory_efficient=False)
+    expected = gradients(plain, batch)
+    for step in range(3):
+        assert rel(gradients(model, batch), expected) < 1e-8
+        assert len(calls) == 3, step  # three layers, on the first step
+    twin = copy.deepcopy(model)  # a copy's layers are new modules: audited again
+    gradients(twin, batch)
+    assert len(calls) == 6
+
+
 def test_backward_twice_needs_retain_graph():
     torch.manual_seed(0)
     model = Parent("loop").double()

@@ -175,7 +175,12 @@ def _is_cache(value: object) -> bool:
 
 class _Inner(nn.Module):
     """The original block, called through its original ``forward`` (not the link, and without
-    the block's hooks, which fire once, around the link)."""
+    the block's hooks, which fire once, around the link).
+
+    One per block, made on its first call and kept on it (``_inner``): the graph audit
+    (``_recompute``) remembers the audited blocks by this module, so a new one per call would
+    audit every step (a graph built in the forward pass and walked in both).
+    """
 
     def __init__(self, block: nn.Module, base: type[nn.Module]) -> None:
         super().__init__()
@@ -183,11 +188,22 @@ class _Inner(nn.Module):
         self.rest: tuple = ()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.rest = ()
         y = self.base.forward(self.block, x, *args, **kwargs)
         if isinstance(y, tuple):  # (hidden_states, attentions, ...): the rest passes through
             y, *rest = y
             self.rest = tuple(rest)
         return y
+
+
+def _inner(block: nn.Module, base: type[nn.Module]) -> _Inner:
+    """The block's ``_Inner``, kept in its ``__dict__`` (not a submodule: the module tree, state
+    dicts and parameter names are unchanged; ``deepcopy`` copies it with the block)."""
+    inner = block.__dict__.get("_momres_inner")
+    if inner is None or inner.block is not block or inner.base is not base:
+        inner = _Inner(block, base)
+        object.__setattr__(block, "_momres_inner", inner)
+    return inner
 
 
 class LinkFunction(torch.autograd.Function):
@@ -270,7 +286,7 @@ def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.
               args: tuple, kwargs: dict) -> torch.Tensor | tuple:
     """Link ``spec.index`` on ``x``: ``x_{n+1}`` (and whatever else the block returns)."""
     options, n = spec.options, spec.index
-    inner = _Inner(block, base)
+    inner = _inner(block, base)
     chain = _continue(spec, x, type(block).__name__)
     if chain is None:
         chain = Chain(options, torch.zeros_like(x))
