@@ -175,6 +175,28 @@ def test_each_layer_is_audited_once_not_every_step(monkeypatch):
     assert len(calls) == 6
 
 
+def test_the_incoming_gradient_is_read_not_written():
+    """The links take dL/dx_n into the vector-Jacobian product's memory, not into autograd's
+    incoming gradient, which others (a hook, another branch) may hold."""
+    batch = inputs("llama")
+
+    def grads(m: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        kept = []
+        m.zero_grad()
+        out = m(**batch, output_hidden_states=True)
+        for h in out.hidden_states[1:]:
+            h.register_hook(lambda g: kept.append(g))
+        (out.loss + out.hidden_states[2].square().mean()).backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters()]), [g.clone() for g in kept]
+
+    model = tiny("llama").train()
+    fast, fast_kept = grads(momres.to_momentum(model, 0.9))
+    plain, plain_kept = grads(momres.to_momentum(model, 0.9, memory_efficient=False))
+    assert rel(fast, plain) < 1e-8
+    assert len(fast_kept) == len(plain_kept) == 3
+    assert all(rel(a, b) < 1e-8 for a, b in zip(fast_kept, plain_kept, strict=True))
+
+
 def test_backward_twice_needs_retain_graph():
     torch.manual_seed(0)
     model = Parent("loop").double()

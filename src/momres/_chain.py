@@ -228,9 +228,9 @@ class LinkFunction(torch.autograd.Function):
         replay = Replayer(ctx, 4, "to_momentum(..., memory_efficient=False)")
         state = chain.backward_state(n, ctx.dtype)
         # dL/dv_{n+1} comes from the link above through the chain, dL/dv_n goes down to the next.
-        a_x = None if grad_x is None else grad_x.clone()
+        # grad_x is autograd's (held by it until this returns): read, not copied.
         a_x, chain.grad_v = backward_step(state, replay, n - chain.start, 0, chain.rule.gamma,
-                                          a_x, chain.grad_v)
+                                          grad_x, chain.grad_v, own_a_x=False)
         if n == chain.start:
             state.verify()
             # The pass is over (v_start came from no graph): free the state now, not when the
