@@ -118,6 +118,25 @@ def test_memory_free_gradients_equal_plain_autograd(name):
     assert rel(gradients(fast, batch), gradients(plain, batch)) < 1e-8
 
 
+def test_float_inversion_chain_gradients():
+    """exact=False: the links return copies of the float state, which goes on changing
+    (the parent keeps every layer's output here)."""
+    model = tiny("llama").train()
+    batch = inputs("llama")
+
+    def run(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        m.zero_grad()
+        out = m(**batch, output_hidden_states=True)
+        (out.loss + out.hidden_states[2].square().mean()).backward()
+        grads = torch.cat([p.grad.flatten() for p in m.parameters()])
+        return torch.stack(out.hidden_states).detach(), grads
+
+    fast = run(momres.to_momentum(model, 0.9, exact=False))
+    plain = run(momres.to_momentum(model, 0.9, memory_efficient=False))
+    assert rel(fast[0], plain[0]) < 1e-12
+    assert rel(fast[1], plain[1]) < 1e-8
+
+
 def test_outputs_recorded_inside_the_layers_are_refused_while_training_memory_free():
     model = momres.to_momentum(tiny("gpt2"), 0.9).train()
     batch = inputs("gpt2")

@@ -219,8 +219,11 @@ class LinkFunction(torch.autograd.Function):
         run.save(ctx, [])
         ctx.chain, ctx.n, ctx.dtype = chain, n, x.dtype
         ctx.set_materialize_grads(False)
-        # A copy: the state goes on changing under the next links.
-        return chain.state.position().clone()
+        # A copy: the state goes on changing under the next links.  The exact state's
+        # position is one already (its float64 grid in the activations' dtype), the float
+        # state's is the state itself.
+        x_out = chain.state.position()
+        return x_out if chain.rule.exact else x_out.clone()
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
