@@ -469,7 +469,7 @@ def test_lm_experiment_runs_at_a_tiny_size(tmp_path):
     from momres.cli.experiments import lm
 
     config = lm.Config(layers=2, hidden=32, seq=32, batch=4, steps=20, corpus_bytes=100_000,
-                       val_batches=2, timing_rounds=2)
+                       val_batches=2, timing_rounds=2, depths=(2, 4))
     result = lm.run(tmp_path, config)
     m = result["metrics"]
     written = json.loads((tmp_path / "result.json").read_text())
@@ -481,6 +481,22 @@ def test_lm_experiment_runs_at_a_tiny_size(tmp_path):
     assert abs(m["momentum_val_loss"] / m["plain_val_loss"] - 1) < 0.1
     assert m["momentum_peak_mib"] < m["plain_peak_mib"]
     assert m["retrofit_val_loss_at_conversion"] > 0
+    curve = m["depth_curve"]
+    assert curve["layers"] == [2, 4] and len(curve["momentum_peak_mib"]) == 2
+    # Checkpointing stores each layer's input: its peak grows with depth, plain's more so.
+    assert curve["checkpointing_peak_mib"][1] > curve["checkpointing_peak_mib"][0]
+    assert curve["plain_peak_mib"][1] - curve["plain_peak_mib"][0] > (
+        curve["momentum_peak_mib"][1] - curve["momentum_peak_mib"][0])
+
+
+def test_lm_depth_crossing():
+    from momres.cli.experiments.lm import crossing
+
+    layers = [6, 12, 24, 48]
+    assert crossing(layers, [1.2, 0.9, 0.7, 0.55], 0.5) is None
+    assert crossing(layers, [1.2, 0.9, 0.7, 0.4], 0.5) == 40  # 24 + 24 * 0.2 / 0.3 = 40
+    assert crossing(layers, [1.2, 0.9, 0.7, 0.4], 1.0) == 10  # 6 + 6 * 0.2 / 0.3
+    assert crossing(layers, [0.8, 0.6, 0.5, 0.4], 1.0) == 6
 
 
 def test_strategies_of_a_layer_stack():
