@@ -125,6 +125,8 @@ def test_working_set_of_the_memory_free_backward():
     x = torch.randn(16, 32, 16, 16)  # two chunks of the exact arithmetic
     plain, exact, floating = (working_set(s, x) for s in ("plain", "momres-exact",
                                                           "momres-float"))
-    assert exact <= 60  # 74 before the compact state
-    assert exact <= floating <= 64
+    # 74 before the compact state, 50 before the block's output was let go ahead of its
+    # backward (float mode: 54)
+    assert exact <= 48
+    assert exact <= floating <= 52
     assert plain < exact

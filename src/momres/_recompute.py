@@ -296,16 +296,24 @@ class Replayer:
                 "backward() before changing the parameters."
             )
 
-    def pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float = 1.0
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float = 1.0,
+             use: Callable[[torch.Tensor], None] | None = None,
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Block ``n`` at ``x``, evaluated once: its value ``g`` and ``J_x^T cotangent``.
 
         ``scale * (dg/dtheta)^T cotangent`` is added to the gradients of the block's parameters
-        and of the tensor arguments.
+        and of the tensor arguments.  With ``use``, ``g`` goes to ``use`` before the
+        vector-Jacobian product instead of being returned (``None`` in its place), and the
+        block's output is let go before the product when its graph does not keep it
+        (``_unsaved``): as under checkpointing, it does not sit beside the block's backward.
         """
         x = x.detach().requires_grad_()
         if self.stage.sharded[n]:
-            return self._pull_sharded(n, x, cotangent, scale)
+            g, vjp = self._pull_sharded(n, x, cotangent, scale)
+            if use is None:
+                return g, vjp
+            use(g)
+            return None, vjp
         f, indices = self.stage.functions[n], self.stage.block_params[n]
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
@@ -313,16 +321,21 @@ class Replayer:
             y = block_output(n, f, x, self.args, self.kwargs, self.stage.swaps(n, self.leaves))
             if n in self.reads:
                 self._audit(n, x, y)
+        if use is not None:
+            use(y.detach() if self.stage.residual else y.detach() - x.detach())
+            if _unsaved(y):
+                y.untyped_storage().resize_(0)  # autograd needs its metadata only
         mine = [j for j in indices if self.param_needs[j]]
         wrt = [x, *(self.leaves[j] for j in mine), *self.grad_args]
         grads = torch.autograd.grad(y, wrt, cotangent, allow_unused=True)
         _accumulate(self.param_grads, mine, grads[1 : 1 + len(mine)], scale)
         _accumulate(self.arg_grads, range(len(self.grad_args)), grads[1 + len(mine) :], scale)
+        g = None if use is not None else y.detach() if self.stage.residual else (
+            y.detach() - x.detach())
         if self.stage.residual:
-            return y.detach(), grads[0]
+            return g, grads[0]
         # A block with its own skip: g = y - x, whose vector-Jacobian product is the block's
         # minus the cotangent.  Taken outside the graph: one node and two passes fewer.
-        g = y.detach() - x.detach()
         return g, -cotangent if grads[0] is None else grads[0] - cotangent
 
     def _pull_sharded(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float
@@ -467,6 +480,27 @@ def graph_kept() -> bool:
     """
     query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return True if query is None else bool(query())
+
+
+#: Nodes whose backward keeps neither their output nor anything that could share its memory:
+#: a block's output made by one of them is needed by autograd for its metadata only.  A closed
+#: list: an output that the graph keeps (tanh, softmax and ReLU save theirs) must stay.
+_OUTPUT_NOT_SAVED = frozenset({
+    "AddBackward0", "SubBackward0", "MulBackward0", "AddmmBackward0", "MmBackward0",
+    "NativeLayerNormBackward0", "NativeBatchNormBackward0", "ConvolutionBackward0",
+})
+
+
+def _unsaved(y: torch.Tensor) -> bool:
+    """Whether ``y``'s memory may be freed before differentiating it: made by an operation
+    that saves no output, not a view, and referenced by nothing else: no other tensor on its
+    memory (a saved output, a view, a detached copy kept by the block) and no other Python
+    name (an attribute of the block)."""
+    storage_count = getattr(torch._C, "_storage_Use_Count", None)
+    return (storage_count is not None and y._base is None and y.grad_fn is not None
+            and type(y.grad_fn).__name__ in _OUTPUT_NOT_SAVED
+            and sys.getrefcount(y) <= 3  # the caller's name, this argument, getrefcount's
+            and storage_count(y.untyped_storage()._cdata) <= 2)  # y, the storage object
 
 
 def _accumulate(total: list, indices, grads, scale: float) -> None:

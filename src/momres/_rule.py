@@ -230,7 +230,7 @@ class ExactInversion(Inversion):
         self.V, self.buf = own(saved[0]), own(saved[1])
         self.checksum, self.spilled = saved[2], [own(t) for t in saved[3:]] if copy else saved[3:]
         self.leftovers: list[torch.Tensor] = []
-        self.rows = _exact.chunk_rows(self.x)
+        self.rows = _rebuild_rows(self.x)
         self.step = fused(_exact.backward_chunk_, self.x)
 
     def retreat(self):
@@ -273,6 +273,19 @@ class ExactInversion(Inversion):
         # The same representation in both directions, so that the logs compare bit for bit.
         grid = self.X if hasattr(self, "X") else self._grid()  # forward or backward
         return grid, self.V, self.buf.to(torch.float64)
+
+
+def _rebuild_rows(x: torch.Tensor) -> int:
+    """Rows per chunk of the backward's arithmetic: ``_exact.chunk_rows``, but with its two
+    float64 scratch tensors no larger than ``x`` itself (above a floor of ``CHUNK / 16``
+    elements): ``rebuild`` runs beside the block's graph (``backward_step``), in place of the
+    block's output, which is let go."""
+    rows = _exact.chunk_rows(x)
+    if x.dim() == 0 or x.shape[0] == 0:
+        return rows
+    per_row = max(1, x.numel() // x.shape[0])
+    elements = max(_exact.CHUNK // 16, x.numel() * x.element_size() // 16)
+    return max(1, min(rows, elements // per_row))
 
 
 class LoggedInversion:
@@ -440,8 +453,9 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
     if a_x is None:
         a_x, own_a_x = torch.zeros_like(x), True
     b = a_x.clone() if a_v is None else a_v.add_(a_x)
-    # One evaluation of the block, used for the gradient and to rebuild v_n.
-    g, grad = replay.pull(block, x, b, 1 - gamma)
+    # One evaluation of the block, used to rebuild v_n (before its vector-Jacobian product,
+    # so that neither g nor the block's output is held during it) and for the gradient.
+    _, grad = replay.pull(block, x, b, 1 - gamma, use=lambda g: state.rebuild(n, g))
     if grad is None:
         a_x = a_x if own_a_x else a_x.clone()
     elif own_a_x:
@@ -451,7 +465,6 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
     else:
         a_x = torch.add(a_x, grad, alpha=1 - gamma)
     a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
-    state.rebuild(n, g)
     return a_x, a_v
 
 
