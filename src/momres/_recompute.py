@@ -497,9 +497,12 @@ def _unsaved(y: torch.Tensor) -> bool:
     memory (a saved output, a view, a detached copy kept by the block) and no other Python
     name (an attribute of the block)."""
     storage_count = getattr(torch._C, "_storage_Use_Count", None)
+    # Python references: the caller's name and this argument, counted as the interpreter
+    # counts them (a local of ours counted the same way), whatever its version.
+    probe = object()
     return (storage_count is not None and y._base is None and y.grad_fn is not None
             and type(y.grad_fn).__name__ in _OUTPUT_NOT_SAVED
-            and sys.getrefcount(y) <= 3  # the caller's name, this argument, getrefcount's
+            and sys.getrefcount(y) <= sys.getrefcount(probe) + 1
             and storage_count(y.untyped_storage()._cdata) <= 2)  # y, the storage object
 
 
