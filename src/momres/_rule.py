@@ -230,7 +230,8 @@ class ExactInversion(Inversion):
         self.V, self.buf = own(saved[0]), own(saved[1])
         self.checksum, self.spilled = saved[2], [own(t) for t in saved[3:]] if copy else saved[3:]
         self.leftovers: list[torch.Tensor] = []
-        self.rows = _rebuild_rows(self.x)
+        # retreat runs before the block is recomputed, rebuild beside its graph
+        self.rows, self.rebuild_rows = _exact.chunk_rows(self.x), _rebuild_rows(self.x)
         self.step = fused(_exact.backward_chunk_, self.x)
 
     def retreat(self):
@@ -244,8 +245,9 @@ class ExactInversion(Inversion):
         return self.x
 
     def rebuild(self, n, g):
-        rule, (b, t) = self.rule, _exact.scratch(self.x, self.rows)
-        for v, buf, gc in _exact.chunks(self.rows, self.V, self.buf, g.to(self.dtype)):
+        rule, rows = self.rule, self.rebuild_rows
+        b, t = _exact.scratch(self.x, rows)
+        for v, buf, gc in _exact.chunks(rows, self.V, self.buf, g.to(self.dtype)):
             self.step(v, buf, gc, _exact.shaped(b, v), _exact.shaped(t, v), rule.num, rule.den,
                       self.scale)
         if self.schedule[n]:
