@@ -118,6 +118,25 @@ def test_memory_free_gradients_equal_plain_autograd(name):
     assert rel(gradients(fast, batch), gradients(plain, batch)) < 1e-8
 
 
+def test_float_inversion_chain_gradients():
+    """exact=False: the links return copies of the float state, which goes on changing
+    (the parent keeps every layer's output here)."""
+    model = tiny("llama").train()
+    batch = inputs("llama")
+
+    def run(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        m.zero_grad()
+        out = m(**batch, output_hidden_states=True)
+        (out.loss + out.hidden_states[2].square().mean()).backward()
+        grads = torch.cat([p.grad.flatten() for p in m.parameters()])
+        return torch.stack(out.hidden_states).detach(), grads
+
+    fast = run(momres.to_momentum(model, 0.9, exact=False))
+    plain = run(momres.to_momentum(model, 0.9, memory_efficient=False))
+    assert rel(fast[0], plain[0]) < 1e-12
+    assert rel(fast[1], plain[1]) < 1e-8
+
+
 def test_outputs_recorded_inside_the_layers_are_refused_while_training_memory_free():
     model = momres.to_momentum(tiny("gpt2"), 0.9).train()
     batch = inputs("gpt2")
@@ -152,6 +171,49 @@ def test_a_loss_on_intermediate_hidden_states_too():
 
     fast = grads(momres.to_momentum(model, 0.9))
     assert rel(fast, grads(momres.to_momentum(model, 0.9, memory_efficient=False))) < 1e-8
+
+
+def test_each_layer_is_audited_once_not_every_step(monkeypatch):
+    """The graph audit (forward with grad, graphs walked) runs on a layer's first step only."""
+    from momres import _recompute
+
+    calls = []
+    audited = _recompute.Recorder._audited
+    monkeypatch.setattr(_recompute.Recorder, "_audited",
+                        lambda self, *a: calls.append(1) or audited(self, *a))
+    original = tiny("gpt2").train()
+    model = momres.to_momentum(original, 0.9)
+    batch = inputs("gpt2")
+    plain = momres.to_momentum(original, 0.9, memory_efficient=False)
+    expected = gradients(plain, batch)
+    for step in range(3):
+        assert rel(gradients(model, batch), expected) < 1e-8
+        assert len(calls) == 3, step  # three layers, on the first step
+    twin = copy.deepcopy(model)  # a copy's layers are new modules: audited again
+    gradients(twin, batch)
+    assert len(calls) == 6
+
+
+def test_the_incoming_gradient_is_read_not_written():
+    """The links take dL/dx_n into the vector-Jacobian product's memory, not into autograd's
+    incoming gradient, which others (a hook, another branch) may hold."""
+    batch = inputs("llama")
+
+    def grads(m: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        kept = []
+        m.zero_grad()
+        out = m(**batch, output_hidden_states=True)
+        for h in out.hidden_states[1:]:
+            h.register_hook(lambda g: kept.append(g))
+        (out.loss + out.hidden_states[2].square().mean()).backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters()]), [g.clone() for g in kept]
+
+    model = tiny("llama").train()
+    fast, fast_kept = grads(momres.to_momentum(model, 0.9))
+    plain, plain_kept = grads(momres.to_momentum(model, 0.9, memory_efficient=False))
+    assert rel(fast, plain) < 1e-8
+    assert len(fast_kept) == len(plain_kept) == 3
+    assert all(rel(a, b) < 1e-8 for a, b in zip(fast_kept, plain_kept, strict=True))
 
 
 def test_backward_twice_needs_retain_graph():
@@ -407,7 +469,7 @@ def test_lm_experiment_runs_at_a_tiny_size(tmp_path):
     from momres.cli.experiments import lm
 
     config = lm.Config(layers=2, hidden=32, seq=32, batch=4, steps=20, corpus_bytes=100_000,
-                       val_batches=2, timing_rounds=2)
+                       val_batches=2, timing_rounds=2, depths=(2, 4))
     result = lm.run(tmp_path, config)
     m = result["metrics"]
     written = json.loads((tmp_path / "result.json").read_text())
@@ -419,6 +481,22 @@ def test_lm_experiment_runs_at_a_tiny_size(tmp_path):
     assert abs(m["momentum_val_loss"] / m["plain_val_loss"] - 1) < 0.1
     assert m["momentum_peak_mib"] < m["plain_peak_mib"]
     assert m["retrofit_val_loss_at_conversion"] > 0
+    curve = m["depth_curve"]
+    assert curve["layers"] == [2, 4] and len(curve["momentum_peak_mib"]) == 2
+    # Checkpointing stores each layer's input: its peak grows with depth, plain's more so.
+    assert curve["checkpointing_peak_mib"][1] > curve["checkpointing_peak_mib"][0]
+    assert curve["plain_peak_mib"][1] - curve["plain_peak_mib"][0] > (
+        curve["momentum_peak_mib"][1] - curve["momentum_peak_mib"][0])
+
+
+def test_lm_depth_crossing():
+    from momres.cli.experiments.lm import crossing
+
+    layers = [6, 12, 24, 48]
+    assert crossing(layers, [1.2, 0.9, 0.7, 0.55], 0.5) is None
+    assert crossing(layers, [1.2, 0.9, 0.7, 0.4], 0.5) == 40  # 24 + 24 * 0.2 / 0.3 = 40
+    assert crossing(layers, [1.2, 0.9, 0.7, 0.4], 1.0) == 10  # 6 + 6 * 0.2 / 0.3
+    assert crossing(layers, [0.8, 0.6, 0.5, 0.4], 1.0) == 6
 
 
 def test_strategies_of_a_layer_stack():

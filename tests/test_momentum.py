@@ -283,3 +283,43 @@ def test_retain_graph_backward_twice_with_spills():
     second = torch.autograd.grad(out, [x, *net.parameters()])
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+class _Ending(nn.Module):
+    """A block ending in ``last``: some operations' backward keeps their output (tanh,
+    softmax, ReLU), others' does not (add, layer norm), some blocks keep it themselves; the
+    recompute hands the output over as a gradient edge before its backward, and whatever
+    still holds it must still read it."""
+
+    def __init__(self, last: str, residual: bool) -> None:
+        super().__init__()
+        self.lin, self.norm, self.last, self.residual = nn.Linear(6, 6), nn.LayerNorm(6), last, \
+            residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        h = {"tanh": torch.tanh, "softmax": lambda t: t.softmax(-1), "relu": torch.relu,
+             "sigmoid": torch.sigmoid, "norm": self.norm, "add": lambda t: t + 1,
+             "view": lambda t: torch.tanh(t).view(t.shape), "mul": lambda t: t * t,
+             "kept": lambda t: t + 1, "kept detached": lambda t: t + 1}[self.last](h)
+        out = h if self.residual else x + h
+        if self.last == "kept":
+            self.kept = out
+        elif self.last == "kept detached":
+            self.kept = out.detach()
+        return out
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("last", ["tanh", "softmax", "relu", "sigmoid", "norm", "add", "view",
+                                  "mul", "kept", "kept detached"])
+def test_block_outputs_let_go_before_the_backward_keep_the_gradients(last, residual):
+    torch.manual_seed(0)
+    blocks = [_Ending(last, residual).double() for _ in range(3)]
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    fast = helpers.gradients(momres.MomentumNet(blocks, 0.9, residual=residual), x)
+    if "kept" in last:  # what the block kept in the recompute is still readable
+        assert all(torch.isfinite(b.kept).all() for b in blocks)
+    slow = helpers.gradients(momres.MomentumNet(blocks, 0.9, residual=residual,
+                                                memory_efficient=False), x)
+    assert relative_error(fast, slow) < 1e-9

@@ -175,7 +175,12 @@ def _is_cache(value: object) -> bool:
 
 class _Inner(nn.Module):
     """The original block, called through its original ``forward`` (not the link, and without
-    the block's hooks, which fire once, around the link)."""
+    the block's hooks, which fire once, around the link).
+
+    One per block, made on its first call and kept on it (``_inner``): the graph audit
+    (``_recompute``) remembers the audited blocks by this module, so a new one per call would
+    audit every step (a graph built in the forward pass and walked in both).
+    """
 
     def __init__(self, block: nn.Module, base: type[nn.Module]) -> None:
         super().__init__()
@@ -183,11 +188,22 @@ class _Inner(nn.Module):
         self.rest: tuple = ()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.rest = ()
         y = self.base.forward(self.block, x, *args, **kwargs)
         if isinstance(y, tuple):  # (hidden_states, attentions, ...): the rest passes through
             y, *rest = y
             self.rest = tuple(rest)
         return y
+
+
+def _inner(block: nn.Module, base: type[nn.Module]) -> _Inner:
+    """The block's ``_Inner``, kept in its ``__dict__`` (not a submodule: the module tree, state
+    dicts and parameter names are unchanged; ``deepcopy`` copies it with the block)."""
+    inner = block.__dict__.get("_momres_inner")
+    if inner is None or inner.block is not block or inner.base is not base:
+        inner = _Inner(block, base)
+        object.__setattr__(block, "_momres_inner", inner)
+    return inner
 
 
 class LinkFunction(torch.autograd.Function):
@@ -203,8 +219,11 @@ class LinkFunction(torch.autograd.Function):
         run.save(ctx, [])
         ctx.chain, ctx.n, ctx.dtype = chain, n, x.dtype
         ctx.set_materialize_grads(False)
-        # A copy: the state goes on changing under the next links.
-        return chain.state.position().clone()
+        # A copy: the state goes on changing under the next links.  The exact state's
+        # position is one already (its float64 grid in the activations' dtype), the float
+        # state's is the state itself.
+        x_out = chain.state.position()
+        return x_out if chain.rule.exact else x_out.clone()
 
     @staticmethod
     def backward(ctx, grad_x: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -212,9 +231,9 @@ class LinkFunction(torch.autograd.Function):
         replay = Replayer(ctx, 4, "to_momentum(..., memory_efficient=False)")
         state = chain.backward_state(n, ctx.dtype)
         # dL/dv_{n+1} comes from the link above through the chain, dL/dv_n goes down to the next.
-        a_x = None if grad_x is None else grad_x.clone()
+        # grad_x is autograd's (held by it until this returns): read, not copied.
         a_x, chain.grad_v = backward_step(state, replay, n - chain.start, 0, chain.rule.gamma,
-                                          a_x, chain.grad_v)
+                                          grad_x, chain.grad_v, own_a_x=False)
         if n == chain.start:
             state.verify()
             # The pass is over (v_start came from no graph): free the state now, not when the
@@ -270,7 +289,7 @@ def _run_link(block: nn.Module, spec: LinkSpec, base: type[nn.Module], x: torch.
               args: tuple, kwargs: dict) -> torch.Tensor | tuple:
     """Link ``spec.index`` on ``x``: ``x_{n+1}`` (and whatever else the block returns)."""
     options, n = spec.options, spec.index
-    inner = _Inner(block, base)
+    inner = _inner(block, base)
     chain = _continue(spec, x, type(block).__name__)
     if chain is None:
         chain = Chain(options, torch.zeros_like(x))

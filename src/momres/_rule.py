@@ -473,13 +473,17 @@ class MomentumFunction(torch.autograd.Function):
 
 
 def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, block: int,
-                  gamma: float, a_x: torch.Tensor | None, a_v: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  gamma: float, a_x: torch.Tensor | None, a_v: torch.Tensor | None,
+                  own_a_x: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of the memory-free backward, from the top: rebuild its input ``x_n`` (state
     block ``n``, replayed as ``replay``'s block ``block``) and turn ``(a_x, a_v) = (dL/dx_{n+1},
-    dL/dv_{n+1})``, our own tensors (``None``: zero), into ``(dL/dx_n, dL/dv_n)`` in place."""
+    dL/dv_{n+1})`` (``None``: zero) into ``(dL/dx_n, dL/dv_n)``.  ``a_v`` is ours and changed
+    in place; so is ``a_x`` if ``own_a_x``, else (the incoming gradient, which autograd holds
+    anyway while the step runs) ``dL/dx_n`` is formed in the memory of the vector-Jacobian
+    product: no copy of ``a_x`` sits beside the block's graph."""
     x = state.retreat()
-    a_x = torch.zeros_like(x) if a_x is None else a_x
+    if a_x is None:
+        a_x, own_a_x = torch.zeros_like(x), True
     b = a_x.clone() if a_v is None else a_v.add_(a_x)
     # One evaluation of the block, used for the gradient and to rebuild v_n: before the
     # block's backward where the rebuild needs no memory of its own, so that g is not held
@@ -487,9 +491,21 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
     early = state.rebuilds_in_place()
     g, grad = replay.pull(block, x, b, 1 - gamma,
                           use=(lambda g: state.rebuild(n, g)) if early else None)
-    if grad is not None:
+    if grad is None:
+        a_x = a_x if own_a_x else a_x.clone()
+    elif own_a_x:
         a_x.add_(grad, alpha=1 - gamma)
+    elif _writable(grad, a_x, b):  # the same numbers as a_x.add_(grad, alpha=1 - gamma)
+        a_x = torch.add(a_x, grad, alpha=1 - gamma, out=grad)
+    else:
+        a_x = torch.add(a_x, grad, alpha=1 - gamma)
     a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
     if g is not None:  # not rebuilt early
         state.rebuild(n, g)
     return a_x, a_v
+
+
+def _writable(grad: torch.Tensor, like: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``grad`` may take the result in place: dense, like ``like``, and not ``b``'s."""
+    return (grad.is_contiguous() and grad.shape == like.shape and grad.dtype == like.dtype
+            and grad.untyped_storage().data_ptr() != b.untyped_storage().data_ptr())

@@ -8,11 +8,18 @@ with Hugging Face's activation (gradient) checkpointing (the same function, so o
 and time are measured); and converted with ``to_momentum`` (``gamma``, exact memory-free backward).
 Retrofitting: the plain model halfway through is converted and trained on, with its optimizer
 state, next to the plain continuation on the same batches.
+
+The peaks depend on depth: checkpointing stores each layer's input, the momentum chain a fixed
+state, and both recompute one layer at a time.  So the peak of one training step is also traced
+against depth (``depths``, at the same width, sequence length and batch; untrained weights, no
+training), for all three systems.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import statistics
 import sysconfig
 import time
@@ -49,6 +56,7 @@ class Config:
     stride: int = 7  # every stride-th file of the standard library
     val_batches: int = 8
     timing_rounds: int = 5
+    depths: tuple[int, ...] = (6, 12, 24, 48, 96)  # the peak against depth (traced steps)
 
 
 #: Deeper and longer sequences: where storing activations costs most.
@@ -124,6 +132,54 @@ def step_of(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+SYSTEMS = ("plain", "checkpointing", "momentum")
+
+
+def systems_of(model: nn.Module, gamma: float) -> dict[str, nn.Module]:
+    """The plain model, a copy under HF's activation checkpointing, a copy converted."""
+    checkpointing = copy.deepcopy(model)
+    checkpointing.activation_checkpointing_enable({"use_reentrant": False})
+    return {"plain": model, "checkpointing": checkpointing,
+            "momentum": to_momentum(copy.deepcopy(model), gamma)}
+
+
+def step_peaks(systems: dict[str, nn.Module], ids: torch.Tensor) -> dict[str, float]:
+    """The traced peak (MiB) of one training step of each system, gradients allocated before
+    (a first step also audits the momentum layers' graphs)."""
+    peaks = {}
+    for name, model in systems.items():
+        step = step_of(model, ids)
+        step()
+        peaks[name] = peak_bytes(step) / MIB
+    return peaks
+
+
+def depth_curve(config: Config, ids: torch.Tensor, seed: int) -> dict:
+    """The peak of a training step of each system at each of ``config.depths`` layers."""
+    curve: dict = {"layers": list(config.depths), **{f"{n}_peak_mib": [] for n in SYSTEMS}}
+    for layers in _common.progress(config.depths, "peak against depth"):
+        model = gpt2(dataclasses.replace(config, layers=layers), seed).train()
+        for name, peak in step_peaks(systems_of(model, config.gamma), ids).items():
+            curve[f"{name}_peak_mib"].append(peak)
+    curve["momentum_over_checkpointing"] = [
+        m / c for m, c in zip(curve["momentum_peak_mib"], curve["checkpointing_peak_mib"],
+                              strict=True)]
+    return curve
+
+
+def crossing(layers: list[int], ratios: list[float], below: float) -> int | None:
+    """The least depth at which ``ratio <= below``: linear between the two measured depths
+    around the crossing (the checkpointing peak grows linearly with depth, the momentum peak
+    hardly moves); the first measured depth if it is already below, ``None`` if none is."""
+    for i, (depth, ratio) in enumerate(zip(layers, ratios, strict=True)):
+        if ratio <= below:
+            if i == 0:
+                return depth
+            d0, d1, r0 = layers[i - 1], depth, ratios[i - 1]
+            return math.ceil(d0 + (d1 - d0) * (r0 - below) / (r0 - ratio) - 1e-9)
+    return None
+
+
 def run(out: Path, config: Config = Config(), seed: int = 0) -> dict:
     train_data, val_data = corpus(config)
     generator = torch.Generator().manual_seed(seed)
@@ -158,19 +214,33 @@ def run(out: Path, config: Config = Config(), seed: int = 0) -> dict:
         systems = {"plain": plain.model, "checkpointing": checkpointing,
                    "momentum": momentum.model}
         ids = batches[0]
+        for name, peak in step_peaks(systems, ids).items():
+            metrics[f"{name}_peak_mib"] = peak
         steps = {name: step_of(model, ids) for name, model in systems.items()}
-        for name, step in steps.items():
-            step()  # gradients allocated before the peak is measured
-            metrics[f"{name}_peak_mib"] = peak_bytes(step) / MIB
         timed = {name: (lambda step=step: _timed(step)) for name, step in steps.items()}
         times = interleaved(timed, config.timing_rounds)
+        losses = {"plain": plain.losses, "momentum": momentum.losses,
+                  "retrofit": retrofit.losses}
+        # The trained models go before the curve's deepest ones are built.
+        del plain, momentum, retrofit, snapshot, systems, steps, timed, checkpointing
+        curve = depth_curve(config, ids, seed)
     for base in ("plain", "checkpointing"):
         metrics[f"momentum_time_over_{base}"] = median_ratio(times["momentum"], times[base])
     metrics["checkpointing_time_over_plain"] = median_ratio(times["checkpointing"],
                                                             times["plain"])
     metrics["plain_step_s"] = statistics.median(times["plain"])
-    metrics["curves"] = {"plain": plain.losses, "momentum": momentum.losses,
-                         "retrofit": retrofit.losses}
+    metrics["momentum_over_checkpointing_peak"] = (metrics["momentum_peak_mib"]
+                                                   / metrics["checkpointing_peak_mib"])
+    metrics["momentum_over_plain_peak"] = (metrics["momentum_peak_mib"]
+                                           / metrics["plain_peak_mib"])
+    metrics["depth_curve"] = curve
+    # From how many layers (at this width, sequence and batch) the momentum model's peak is
+    # at most that of checkpointing, and at most half of it.
+    for key, below in (("checkpointing", 1.0), ("half_checkpointing", 0.5)):
+        metrics[f"momentum_below_{key}_from_layers"] = crossing(
+            curve["layers"], curve["momentum_over_checkpointing"], below)
+    metrics["curves"] = {"plain": losses["plain"], "momentum": losses["momentum"],
+                         "retrofit": losses["retrofit"]}
     _figure(out, config, metrics)
     m = metrics
     reproduced = (m["momentum_val_loss"] <= 1.03 * m["plain_val_loss"]
@@ -186,8 +256,8 @@ def _timed(step: Callable[[], None]) -> float:
 
 
 def _figure(out: Path, config: Config, metrics: dict) -> None:
-    fig = Figure(figsize=(10, 3.8))
-    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    fig = Figure(figsize=(14, 4))
+    left, middle, right = fig.subplots(1, 3, gridspec_kw={"width_ratios": [2, 1, 1.5]})
     curves = metrics["curves"]
     window = max(1, config.steps // 20)
     half = config.steps // 2
@@ -206,10 +276,28 @@ def _figure(out: Path, config: Config, metrics: dict) -> None:
     left.set_title(f"byte-level GPT-2, {config.layers} layers x {config.hidden}, "
                    f"gamma={config.gamma}", fontsize=9)
     left.legend(fontsize=8)
-    names = ["plain", "checkpointing", "momentum"]
-    colors = [_common.COLORS[c] for c in ("resnet", "checkpoint", "momentum")]
-    right.bar(names, [metrics[f"{n}_peak_mib"] for n in names], color=colors)
-    right.set_ylabel(f"peak MiB of a training step (batch {config.batch}, seq {config.seq})")
-    right.tick_params(axis="x", labelsize=8)
+    colors = {n: _common.COLORS[c] for n, c in zip(SYSTEMS, ("resnet", "checkpoint", "momentum"),
+                                                    strict=True)}
+    middle.bar(SYSTEMS, [metrics[f"{n}_peak_mib"] for n in SYSTEMS], color=colors.values())
+    middle.set_ylabel(f"peak MiB of a training step (batch {config.batch}, seq {config.seq})",
+                      fontsize=8)
+    middle.set_title(f"trained, {config.layers} layers", fontsize=9)
+    middle.tick_params(axis="x", labelsize=8)
+    curve = metrics["depth_curve"]
+    for name in SYSTEMS:
+        right.plot(curve["layers"], curve[f"{name}_peak_mib"], "o-", color=colors[name],
+                   label=name)
+    right.plot(curve["layers"], [c / 2 for c in curve["checkpointing_peak_mib"]], ":",
+               color=colors["checkpointing"], label="checkpointing / 2")
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xticks(curve["layers"], [str(n) for n in curve["layers"]])
+    right.set_xlabel("layers")
+    right.set_ylabel("peak MiB of a training step", fontsize=8)
+    half_from = metrics["momentum_below_half_checkpointing_from_layers"]
+    right.set_title("against depth (untrained); momentum <= checkpointing / 2 "
+                    + (f"from ~{half_from} layers" if half_from else "at no depth measured"),
+                    fontsize=8)
+    right.legend(fontsize=7)
     fig.tight_layout()
     _common.save_figure(fig, out, "lm")
