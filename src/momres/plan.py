@@ -649,3 +649,16 @@ def traced_peak(model: nn.Module, *inputs, **kwargs) -> int:
     """The traced peak of one training step as ``model`` now runs (its state left as it was)."""
     with _state_kept(model):
         return memory.peak_bytes(lambda: _loss(model(*inputs, **kwargs)).backward(), "cpu")
+
+
+def traced_peak_over_gradients(model: nn.Module, *inputs, **kwargs) -> int:
+    """The traced peak of one training step above the weights *and their gradients*: the
+    gradients are allocated (zeros, as ``zero_grad(set_to_none=False)`` leaves them after a
+    first step) before the traced step, which accumulates into them.  Issue 12's first table
+    measures this way (growth over a step with weights and gradients allocated); ``traced_peak``
+    counts the gradients the step allocates.  The model's state is left as it was."""
+    with _state_kept(model):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        return memory.peak_bytes(lambda: _loss(model(*inputs, **kwargs)).backward(), "cpu")
