@@ -122,6 +122,7 @@ def test_plan_least_peak_matches_trace_and_keeps_gradients():
     assert abs(plan.traced_peak - plan.peak) <= 0.15 * plan.traced_peak
     text = str(plan)
     assert "layer1" in text and "working set" in text and "predicted peak" in text
+    assert "conv1+bn1+relu" in text and f"peak is reached in {plan.peak_at}" in text
     planned = model.double()
     reference = run_as(planned, "autograd", checkpoint=False)
     x64 = x.double()

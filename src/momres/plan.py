@@ -229,6 +229,8 @@ class Plan:
     budget: int | None = None
     traced_peak: int | None = None
     parts: list[PartPlan] = field(default_factory=list)
+    peak_at: str = ""  # the phase where the predicted peak is reached
+    stored_at_peak: int = 0  # what is allocated when that phase starts
 
     def apply(self, model: nn.Module) -> None:
         """Run ``model``'s stages (found by path) and parts as this plan says."""
@@ -262,7 +264,9 @@ class Plan:
         budget = "least peak" if self.budget is None else f"budget {format_bytes(self.budget)}"
         lines += ["", f"{budget}: predicted peak {format_bytes(self.peak)} "
                   f"({self.peak / self.plain_peak:.2f}x plain autograd's "
-                  f"{format_bytes(self.plain_peak)}), predicted step time {self.time:.2f}x plain"]
+                  f"{format_bytes(self.plain_peak)}), predicted step time {self.time:.2f}x plain",
+                  f"the peak is reached in {self.peak_at}, on {format_bytes(self.stored_at_peak)} "
+                  "already allocated (what earlier parts store, and gradients)"]
         if self.traced_peak is not None:
             lines.append(f"traced peak of this plan: {format_bytes(self.traced_peak)} "
                          f"({self.traced_peak / self.plain_peak:.2f}x plain)")
@@ -475,6 +479,28 @@ def _simulate(choice: Sequence[Option], gaps: Sequence[GapOption]) -> int:
     return _then(phases).peak
 
 
+def _peak_at(choice: Sequence[Option], gaps: Sequence[GapOption], paths: Sequence[str]
+             ) -> tuple[str, int]:
+    """Where ``_simulate``'s peak is reached, and what is allocated when that phase starts."""
+    k = len(choice)
+    gap = lambda g: "the stem" if g == 0 else "the head" if g == k else \
+        f"the parts after {paths[g - 1]}"  # noqa: E731
+    phases = [(f"{gap(0)}'s forward", gaps[0].forward)]
+    for i, option in enumerate(choice):
+        phases += [(f"{paths[i]}'s forward", option.forward),
+                   (f"{gap(i + 1)}'s forward" + (", the loss and its backward" if i == k - 1
+                                                 else ""), gaps[i + 1].forward)]
+    for i in reversed(range(k)):
+        phases += [(f"{paths[i]}'s backward", choice[i].backward),
+                   (f"{gap(i)}'s backward", gaps[i].backward)]
+    level, best = 0, (-1, "", 0)
+    for label, phase in phases:
+        if level + phase.peak > best[0]:
+            best = (level + phase.peak, label, level)
+        level += phase.delta
+    return best[1], best[2]
+
+
 @contextlib.contextmanager
 def _state_kept(model: nn.Module) -> Iterator[None]:
     """Run training steps on ``model`` and leave no trace: buffers (BatchNorm statistics),
@@ -564,8 +590,9 @@ class Measurements:
                                          option.forward.delta,
                                          option.backward.peak if g < k else option.forward.peak,
                                          (own + option.extra_flops) / step))
+        where, below = _peak_at(choice[:k], choice[k:], [m.path for m in self.stages])
         return Plan(rows, peak, self.plain_peak, least, (step + extra) / step, wanted,
-                    parts=gap_rows)
+                    parts=gap_rows, peak_at=where, stored_at_peak=below)
 
 
 def measure(model: nn.Module, *example_inputs, modes: Sequence[str] = EXACT_MODES,
