@@ -237,6 +237,8 @@ def test_checkpointed_parts_replay_dropout_and_survive_a_copy():
     with torch.no_grad():
         twin.conv_proj.weight.add_(1.0)  # the copy's parts run the copy's modules
         assert not torch.equal(twin(x), vit(x))
+    plan = momres.plan(stored.float(), x.float())  # dropout: every traced run draws alike
+    assert {str(p) for g in plan.parts for p in g.parts} == {str(f.part) for f in found}
 
 
 def test_plan_checkpoints_the_stem_where_it_lowers_the_peak():

@@ -619,10 +619,12 @@ def measure(model: nn.Module, *example_inputs, modes: Sequence[str] = EXACT_MODE
             # (A part found runs the same whether it is checkpointed now or not.)
             flops, parts = _count_flops(model, example_inputs, kwargs, stages)
             parts_before = [part_checkpointed(model, p.part) for p in parts]
+            generator = torch.get_rng_state()  # every run draws the same random numbers
             runs = [(m, Strategy(m)) for m in dict.fromkeys(["autograd", "checkpoint", *modes])]
             runs += [(f"{m}+1", Strategy(m, keep_last=1)) for m in modes if Strategy(m).memory_free]
             for name, strategy in runs:
                 # Parts are checkpointed with the first blocks, in every run but autograd's.
+                torch.set_rng_state(generator)
                 _configure(model, stages, parts, strategy, checkpoint=name != "autograd")
                 # Blocks are marked one by one where some run under autograd.
                 by_block = name == "autograd" or strategy.keep_last > 0
