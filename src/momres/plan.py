@@ -14,7 +14,9 @@ plain blocks are checkpointed, and its predicted peak replays the phases in orde
 so stores accumulate stage by stage in the forward pass, and during the backward pass each
 stage's working set lands on what is still stored (plus the parameter gradients already made).
 A stage that keeps its last ``k`` blocks (``Strategy(mode, keep_last=k)``) is the memory-free
-phase followed by those blocks' own phases under plain autograd.
+phase followed by those blocks' own phases under plain autograd.  The ordinary modules around
+the stages (``convert.find_parts``: a ResNet's stem, its head) are planned per gap between
+stages: stored, as the autograd trace ran them, or checkpointed, as the checkpoint trace did.
 
 Time is a model, not a stopwatch, so that the same model, input and budget always give the same
 plan: a step costs three forward passes' FLOPs (forward and backward), plus one forward of
