@@ -75,6 +75,10 @@ def test_bench_whole_model_quick(tmp_path):
         assert {"plain", "checkpoint", "momres-default", "momres-least"} <= set(by)
         assert by["plain"]["traced_peak_ratio"] == 1.0
         assert by["momres-least"]["predicted_peak"] > 0 and by["momres-least"]["strategies"]
+        assert by["plain"]["over_gradients_ratio"] == 1.0
+        for r in (r for r in by.values() if r["budget"] is None):  # gradients not counted
+            assert r["traced_peak"] - r["gradient_bytes"] <= r["over_gradients_peak"] \
+                < r["traced_peak"]
     budgets = [r for r in results[0]["records"] if r["system"].startswith("momres-budget")]
     assert budgets and all(r["predicted_peak"] <= r["budget"] for r in budgets)
     assert (tmp_path / "whole_model_curve.png").stat().st_size > 0

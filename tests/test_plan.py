@@ -6,14 +6,22 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+from torchvision.models.vision_transformer import VisionTransformer
 
 import momres
 from momres import Strategy, models
 from momres.cli import main
-from momres.convert import MEMORY_FREE_FROM, MomentumStage, momentum_stages
+from momres.convert import (
+    MEMORY_FREE_FROM,
+    MomentumStage,
+    checkpoint_part,
+    find_parts,
+    momentum_stages,
+    part_checkpointed,
+)
 from momres.plan import measure, parse_bytes, traced_peak
 
-from helpers import gradients, relative_error
+from helpers import gradients, output_and_gradients, relative_error
 
 STRATEGIES = ["autograd", "checkpoint", "exact", "float", Strategy("exact", keep_last=1),
               Strategy("float", keep_last=2), Strategy("exact", keep_last=9)]
@@ -114,6 +122,7 @@ def test_plan_least_peak_matches_trace_and_keeps_gradients():
     assert abs(plan.traced_peak - plan.peak) <= 0.15 * plan.traced_peak
     text = str(plan)
     assert "layer1" in text and "working set" in text and "predicted peak" in text
+    assert "conv1+bn1+relu" in text and f"peak is reached in {plan.peak_at}" in text
     planned = model.double()
     reference = run_as(planned, "autograd", checkpoint=False)
     x64 = x.double()
@@ -168,3 +177,86 @@ def test_strategies_store_what_they_say():
         stored[str(strategy)] = momres.activation_memory(stage, x) / x.numel()
     assert stored["checkpoint"] == 4 + 8 * 3
     assert stored["exact"] < stored["exact, keep_last=2"] < stored["autograd"]
+
+
+def _parts_of_copy(model: nn.Module, x: torch.Tensor) -> list:
+    """The parts of ``model`` (found on a copy: the pass updates BatchNorm statistics)."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad(), find_parts(twin) as found:
+        twin(x)
+    return found
+
+
+@pytest.mark.parametrize("name", models.list_models("mresnet*"))
+def test_checkpointed_parts_give_plain_gradients_and_statistics(name):
+    """The stem and the head of every registry model, checkpointed: the same outputs and
+    gradients as stored (float64), the BatchNorm statistics updated once."""
+    size = 16 if name.removeprefix("mresnet") in ("20", "32", "44", "56", "110") else 64
+    torch.manual_seed(0)
+    model = run_as(models.create_model(name).double(), "checkpoint", checkpoint=True)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    found = _parts_of_copy(model, x)
+    assert [str(f.part) for f in found if f.gap == 0] == \
+        ["conv1+bn1+relu" + ("+maxpool" if size == 64 else "")]
+    stored = copy.deepcopy(model)
+    for f in found:
+        checkpoint_part(model, f.part)
+        assert part_checkpointed(model, f.part) and not part_checkpointed(stored, f.part)
+    out, grads = output_and_gradients(model, x)
+    expected_out, expected = output_and_gradients(stored, x)
+    assert relative_error([out], [expected_out]) <= 1e-10
+    assert relative_error(grads, expected) <= 1e-10
+    assert relative_error(batchnorm_statistics(model), batchnorm_statistics(stored)) <= 1e-12
+    assert all(m.num_batches_tracked == 1 for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d))
+    for f in found:
+        checkpoint_part(model, f.part, False)
+        assert not part_checkpointed(model, f.part)
+
+
+def test_checkpointed_parts_replay_dropout_and_survive_a_copy():
+    """A ViT's parts (patch embedding, dropout, final norm, head): the recompute draws the same
+    random numbers; a deep copy of a model with checkpointed parts runs its own modules."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(16, 8, 2, 2, 16, 32, dropout=0.2)
+    nn.init.normal_(vit.heads.head.weight)  # (zeros in torchvision)
+    vit = momres.to_momentum(vit).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    found = _parts_of_copy(vit, x)
+    assert {str(f.part) for f in found} >= {"conv_proj", "encoder.dropout", "encoder.ln"}
+    stored = copy.deepcopy(vit)
+    for f in found:
+        checkpoint_part(vit, f.part)
+    twin = copy.deepcopy(vit)
+    for model in (vit, twin):
+        torch.manual_seed(1)
+        got = output_and_gradients(model, x)
+        torch.manual_seed(1)
+        expected = output_and_gradients(stored, x)
+        assert relative_error([got[0], *got[1]], [expected[0], *expected[1]]) <= 1e-10
+    with torch.no_grad():
+        twin.conv_proj.weight.add_(1.0)  # the copy's parts run the copy's modules
+        assert not torch.equal(twin(x), vit(x))
+    plan = momres.plan(stored.float(), x.float())  # dropout: every traced run draws alike
+    assert {str(p) for g in plan.parts for p in g.parts} == {str(f.part) for f in found}
+
+
+def test_plan_checkpoints_the_stem_where_it_lowers_the_peak():
+    torch.manual_seed(0)
+    model = models.create_model("mresnet18").float()
+    x = torch.randn(4, 3, 64, 64)
+    measured = measure(model, x)
+    assert not any(part_checkpointed(model, f.part) for f in measured.parts)  # left as it was
+    plan = measured.choose()
+    stem = next(g for g in plan.parts if g.gap == 0)
+    assert stem.checkpoint and "conv1+bn1+relu+maxpool" in str(plan)
+    assert all(part_checkpointed(model, p) for p in stem.parts)
+    traced = traced_peak(model, x)
+    assert abs(traced - plan.peak) <= 0.15 * traced
+    # Without the stem checkpointed the least plan peaks higher.
+    plan.parts[0].checkpoint = False
+    plan.apply(model)
+    assert traced_peak(model, x) > traced
+    again = measure(model, x).choose()
+    assert [(g.gap, g.checkpoint) for g in again.parts] == [(g.gap, g.checkpoint)
+                                                           for g in measured.choose().parts]

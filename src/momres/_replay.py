@@ -95,10 +95,12 @@ def frozen_batchnorm(module: nn.Module, layers: list[nn.Module] | None = None
             m._buffers.update(buffers)
 
 
-def checkpointed(fn: Callable, module: nn.Module, *args, **kwargs):
-    """``fn(*args, **kwargs)`` under ``torch.utils.checkpoint`` (non-reentrant), with the
-    recompute leaving the BatchNorm statistics of ``module`` alone."""
-    contexts = lambda: (contextlib.nullcontext(), frozen_batchnorm(module))
+def checkpointed(fn: Callable, module: nn.Module | None, *args,
+                 layers: list[nn.Module] | None = None, **kwargs):
+    """``fn(*args, **kwargs)`` under ``torch.utils.checkpoint`` (non-reentrant, generator
+    states preserved), with the recompute leaving the BatchNorm statistics of ``module`` (or
+    of the BatchNorm ``layers`` given) alone."""
+    contexts = lambda: (contextlib.nullcontext(), frozen_batchnorm(module, layers))
     return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
 

@@ -12,13 +12,16 @@ ways between a model and its converted twin.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 from torchvision.models.vision_transformer import Encoder as VitEncoder
 
@@ -386,3 +389,184 @@ def momentum_blocks(model: nn.Module) -> list[nn.Module]:
     nets = [m for m in model.modules() if isinstance(m, MomentumNet)]
     nets += [stage.momentum for stage in momentum_stages(model).values()]
     return list(dict.fromkeys(f for net in nets for f in net.functions))
+
+
+# Parts: the ordinary modules around the stages (a ResNet's stem and head), stored or
+# checkpointed.
+
+
+@dataclass(frozen=True)
+class Part:
+    """A run of ordinary modules that a model calls one after the other, each on the previous
+    one's output, beside its momentum stages: a ResNet's stem (``conv1, bn1, relu, maxpool``),
+    its pooling, a ViT's patch embedding.  ``parent``: the dotted path of the module that
+    holds them; ``names``: its children, in the order they run.  ``checkpoint_part`` runs it
+    under ``torch.utils.checkpoint`` (its input stored, its activations recomputed in the
+    backward pass) instead of storing its activations.  Found by ``find_parts``."""
+
+    parent: str
+    names: tuple[str, ...]
+
+    def __str__(self) -> str:
+        prefix = f"{self.parent}." if self.parent else ""
+        return "+".join(prefix + name for name in self.names)
+
+    def modules(self, model: nn.Module) -> list[nn.Module]:
+        parent = model.get_submodule(self.parent)
+        return [parent.get_submodule(name) for name in self.names]
+
+
+class _Relay:
+    """What a checkpointed part's first module hands to the modules after it."""
+
+    value: torch.Tensor | None = None
+
+
+class _PartForward:
+    """The forward of a checkpointed part's first module: the whole part, under
+    ``torch.utils.checkpoint`` (non-reentrant, generator states preserved, BatchNorm statistics
+    updated once) where grad is enabled.  The modules after it return its output
+    (``_Handed``), so the model's own forward, which calls them one by one, is unchanged."""
+
+    def __init__(self, modules: list[nn.Module], relay: _Relay) -> None:
+        self.modules, self.relay = modules, relay
+        self.norms = [m for module in modules for m in module.modules()
+                      if isinstance(m, _BatchNorm)]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.modules:
+            x = type(module).forward(module, x)
+        return x
+
+    def __call__(self, x, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or not isinstance(x, torch.Tensor):
+            raise TypeError("momres: a checkpointed part takes one tensor; this module was "
+                            "called otherwise than when its part was found (find_parts).")
+        out = (checkpointed(self._run, None, x, layers=self.norms) if torch.is_grad_enabled()
+               else self._run(x))
+        self.relay.value = out if len(self.modules) > 1 else None
+        return out
+
+
+class _Handed:
+    """The forward of a checkpointed part's later modules: the part's output, handed on."""
+
+    def __init__(self, relay: _Relay, last: bool) -> None:
+        self.relay, self.last = relay, last
+
+    def __call__(self, x, *args, **kwargs) -> torch.Tensor:
+        if x is not self.relay.value or args or kwargs:
+            raise RuntimeError("momres: a module of a checkpointed part was called out of its "
+                               "part's order; turn the part's checkpoint off (checkpoint_part).")
+        if self.last:
+            self.relay.value = None  # hold the output no longer than the model does
+        return x
+
+
+def checkpoint_part(model: nn.Module, part: Part, on: bool = True) -> None:
+    """Recompute ``part`` of ``model`` in the backward pass (``on``) or store its activations
+    (``on=False``, as it was).  What the model computes does not change."""
+    modules = part.modules(model)
+    for module in modules:
+        module.__dict__.pop("forward", None)
+    if on:
+        relay = _Relay()
+        modules[0].forward = _PartForward(modules, relay)
+        for n, module in enumerate(modules[1:], 2):
+            module.forward = _Handed(relay, last=n == len(modules))
+
+
+def part_checkpointed(model: nn.Module, part: Part) -> bool:
+    return isinstance(part.modules(model)[0].__dict__.get("forward"), _PartForward)
+
+
+@dataclass
+class FoundPart:
+    """A part, where it runs (``gap``: how many stages began before it) and its forward
+    FLOPs (as counted by the ``clock`` given to ``find_parts``)."""
+
+    part: Part
+    gap: int
+    flops: float = 0.0
+
+
+@dataclass
+class _Call:
+    parent: str
+    name: str
+    module: nn.Module
+    kind: str = "module"  # or "stage", or "holder" (holds a stage): no part crosses those
+    input: torch.Tensor | None = None
+    version: int = 0  # of the input, before
+    output: torch.Tensor | None = None
+    made: int = 0  # the output's version, when made
+    modified: bool = True  # the input, in place
+    clock: tuple[float, float] = (0.0, 0.0)
+    gap: int = 0
+
+
+@contextlib.contextmanager
+def find_parts(model: nn.Module, clock: Callable[[], float] = lambda: 0.0
+               ) -> Iterator[list[FoundPart]]:
+    """While active, watch the model run (one forward pass); on exit, the list holds its
+    parts: the runs of ordinary modules, children of the model or of a module that holds a
+    momentum stage, that run once each, one after the other, each on the previous one's output
+    alone (the first module's output a new tensor, its input left unmodified).  Where a
+    model's forward used such an intermediate output elsewhere, checkpointing the part would
+    change what it computes: ``momres.plan`` checks that it does not."""
+    stages = momentum_stages(model)
+    holders = {""} | {".".join(p.split(".")[:k]) for p in stages
+                      for k in range(1, p.count(".") + 1)}
+    calls: list[_Call] = []
+    handles = []
+
+    def watch(parent: str, name: str, module: nn.Module, kind: str) -> None:
+        def pre(_, args, kwargs):
+            call = _Call(parent, name, module, kind, clock=(clock(), 0.0))
+            single = len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor)
+            if kind == "module" and single:
+                call.input, call.version = args[0], args[0]._version
+            calls.append(call)
+
+        def post(_, args, kwargs, out):
+            call = next((c for c in reversed(calls) if c.module is module), None)
+            if call is None or call.input is None:
+                return
+            call.modified = call.input._version != call.version
+            call.clock = (call.clock[0], clock())
+            if isinstance(out, torch.Tensor):
+                call.output, call.made = out, out._version
+        handles.extend([module.register_forward_pre_hook(pre, with_kwargs=True),
+                        module.register_forward_hook(post, with_kwargs=True)])
+
+    for holder in sorted(holders):
+        for name, child in model.get_submodule(holder).named_children():
+            path = f"{holder}.{name}" if holder else name
+            kind = "stage" if path in stages else "holder" if path in holders else "module"
+            watch(holder, name, child, kind)
+    found: list[FoundPart] = []
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+    times = Counter(id(c.module) for c in calls)
+    runs: list[list[_Call]] = []
+    for call in calls:
+        usable = call.kind == "module" and call.output is not None and times[id(call.module)] == 1
+        previous = runs[-1][-1] if runs and runs[-1] else None
+        if usable and previous is not None and previous.parent == call.parent \
+                and call.input is previous.output and call.version == previous.made:
+            runs[-1].append(call)
+        elif usable and not call.modified and call.output is not call.input:
+            runs.append([call])
+        else:
+            runs.append([])
+    gap = 0
+    for call in calls:
+        call.gap = gap
+        gap += call.kind == "stage"
+    for run in runs:
+        if run:
+            found.append(FoundPart(Part(run[0].parent, tuple(c.name for c in run)),
+                                   run[0].gap, run[-1].clock[1] - run[0].clock[0]))

@@ -14,7 +14,9 @@ plain blocks are checkpointed, and its predicted peak replays the phases in orde
 so stores accumulate stage by stage in the forward pass, and during the backward pass each
 stage's working set lands on what is still stored (plus the parameter gradients already made).
 A stage that keeps its last ``k`` blocks (``Strategy(mode, keep_last=k)``) is the memory-free
-phase followed by those blocks' own phases under plain autograd.
+phase followed by those blocks' own phases under plain autograd.  The ordinary modules around
+the stages (``convert.find_parts``: a ResNet's stem, its head) are planned per gap between
+stages: stored, as the autograd trace ran them, or checkpointed, as the checkpoint trace did.
 
 Time is a model, not a stopwatch, so that the same model, input and budget always give the same
 plan: a step costs three forward passes' FLOPs (forward and backward), plus one forward of
@@ -38,7 +40,15 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import memory
-from .convert import MomentumStage, momentum_stages
+from .convert import (
+    FoundPart,
+    MomentumStage,
+    Part,
+    checkpoint_part,
+    find_parts,
+    momentum_stages,
+    part_checkpointed,
+)
 from .momentum import MODES, Strategy
 
 #: Strategies a plan chooses from by default: those whose gradients equal plain autograd's.
@@ -155,6 +165,18 @@ class Option:
                 <= other.forward.delta + other.backward.delta)
 
 
+@dataclass(frozen=True)
+class GapOption:
+    """One way to run what lies before, between or after the stages (``gap`` g: before stage
+    g; the last, after the last stage, holds the head, the loss and the head's backward):
+    its parts stored or checkpointed, its forward and backward as phases."""
+
+    checkpoint: bool
+    forward: Phase
+    backward: Phase
+    extra_flops: float
+
+
 @dataclass
 class StageMeasure:
     """What the traces and the FLOP count say about one stage."""
@@ -179,6 +201,19 @@ class StagePlan:
 
 
 @dataclass
+class PartPlan:
+    """A row of ``Plan`` for the parts that run in one gap between stages (``gap`` g: before
+    stage g), stored or checkpointed together."""
+
+    gap: int
+    parts: tuple[Part, ...]
+    checkpoint: bool
+    stored: int
+    working: int
+    time: float
+
+
+@dataclass
 class Plan:
     """How a model's stages run, chosen by ``momres.plan``, with its predicted peak.
 
@@ -195,18 +230,34 @@ class Plan:
     time: float
     budget: int | None = None
     traced_peak: int | None = None
+    parts: list[PartPlan] = field(default_factory=list)
+    peak_at: str = ""  # the phase where the predicted peak is reached
+    stored_at_peak: int = 0  # what is allocated when that phase starts
 
     def apply(self, model: nn.Module) -> None:
-        """Run ``model``'s stages (found by path) as this plan says."""
+        """Run ``model``'s stages (found by path) and parts as this plan says."""
         stages = momentum_stages(model)
         for row in self.stages:
             stages[row.path].strategy, stages[row.path].checkpoint = row.strategy, row.checkpoint
+        for gap in self.parts:
+            for part in gap.parts:
+                checkpoint_part(model, part, gap.checkpoint)
 
     def __str__(self) -> str:
-        rows = [("stage", "strategy", "first blocks", "stored", "working set", "time"),
-                *((s.path, str(s.strategy), "checkpoint" if s.checkpoint else "stored",
-                   format_bytes(s.stored), format_bytes(s.working), f"{s.time:.2f}x")
-                  for s in self.stages)]
+        def part_row(gap: PartPlan) -> tuple[str, ...]:
+            return (", ".join(map(str, gap.parts)), "checkpoint" if gap.checkpoint else "autograd",
+                    "", format_bytes(gap.stored), format_bytes(gap.working), f"{gap.time:.2f}x")
+
+        def stage_row(s: StagePlan) -> tuple[str, ...]:
+            return (s.path, str(s.strategy), "checkpoint" if s.checkpoint else "stored",
+                    format_bytes(s.stored), format_bytes(s.working), f"{s.time:.2f}x")
+
+        gaps = {g.gap: g for g in self.parts}
+        rows = [("stage / part", "strategy", "first blocks", "stored", "working set", "time")]
+        for i, s in enumerate(self.stages):
+            rows += [part_row(gaps[i])] if i in gaps else []
+            rows.append(stage_row(s))
+        rows += [part_row(gaps[len(self.stages)])] if len(self.stages) in gaps else []
         widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) if k < 3 else c.rjust(w)
                            for k, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
@@ -215,12 +266,16 @@ class Plan:
         budget = "least peak" if self.budget is None else f"budget {format_bytes(self.budget)}"
         lines += ["", f"{budget}: predicted peak {format_bytes(self.peak)} "
                   f"({self.peak / self.plain_peak:.2f}x plain autograd's "
-                  f"{format_bytes(self.plain_peak)}), predicted step time {self.time:.2f}x plain"]
+                  f"{format_bytes(self.plain_peak)}), predicted step time {self.time:.2f}x plain",
+                  f"the peak is reached in {self.peak_at}, on {format_bytes(self.stored_at_peak)} "
+                  "already allocated (what earlier parts store, and gradients)"]
         if self.traced_peak is not None:
             lines.append(f"traced peak of this plan: {format_bytes(self.traced_peak)} "
                          f"({self.traced_peak / self.plain_peak:.2f}x plain)")
         lines.append("time: a model from counted FLOPs (3 passes per step, +1 per recompute, "
-                     "+ the memory-free arithmetic); stem and head are stored.")
+                     "+ the memory-free arithmetic). Parts (modules around the stages) of one "
+                     "gap are stored or checkpointed together; after the last stage, their "
+                     "stored bytes include the loss and the head's backward.")
         return "\n".join(lines)
 
 
@@ -278,23 +333,29 @@ class _Marks:
             h.remove()
 
 
-def _configure(stages: list[StageMeasure], strategy: Strategy | str, checkpoint: bool) -> None:
+def _configure(model: nn.Module, stages: list[StageMeasure], parts: list[FoundPart],
+               strategy: Strategy | str, checkpoint: bool) -> None:
     for m in stages:
         m.stage.strategy, m.stage.checkpoint = strategy, checkpoint
+    for found in parts:
+        checkpoint_part(model, found.part, checkpoint)
 
 
-def _traced_step(model: nn.Module, inputs: tuple, kwargs: dict,
-                 stages: list[StageMeasure], by_block: bool = False) -> list[int | str]:
-    """The allocation trace of one training step, marked at every stage boundary."""
+def _traced_step(model: nn.Module, inputs: tuple, kwargs: dict, stages: list[StageMeasure],
+                 by_block: bool = False) -> tuple[list[int | str], float]:
+    """The allocation trace of one training step, marked at every stage boundary, and its
+    loss."""
     marks = _Marks(stages, by_block)
+    loss = []
 
     def step() -> None:
         memory.mark("start")
-        _loss(model(*inputs, **kwargs)).backward()
+        loss.append(_loss(model(*inputs, **kwargs)))
+        loss[0].backward()
         memory.mark("stop")
 
     try:
-        return memory.allocation_trace(step)
+        return memory.allocation_trace(step), loss[0].item()
     finally:
         marks.remove()
         for p in model.parameters():
@@ -302,9 +363,9 @@ def _traced_step(model: nn.Module, inputs: tuple, kwargs: dict,
 
 
 def _count_flops(model: nn.Module, inputs: tuple, kwargs: dict,
-                 stages: list[StageMeasure]) -> float:
+                 stages: list[StageMeasure]) -> tuple[float, list[FoundPart]]:
     """Forward FLOPs of the whole model; per stage, of its plain blocks and of each momentum
-    block (filled in ``stages``)."""
+    block (filled in ``stages``); and the model's parts, with theirs."""
     counter = FlopCounterMode(display=False)
     at: dict[str, float] = {}
     handles = []
@@ -324,7 +385,7 @@ def _count_flops(model: nn.Module, inputs: tuple, kwargs: dict,
         handles.append(blocks[0].register_forward_pre_hook(
             lambda module, args, m=m: setattr(m, "elements", args[0].numel())))
     try:
-        with torch.no_grad(), counter:
+        with torch.no_grad(), counter, find_parts(model, counter.get_total_flops) as parts:
             model(*inputs, **kwargs)
     finally:
         for h in handles:
@@ -334,7 +395,7 @@ def _count_flops(model: nn.Module, inputs: tuple, kwargs: dict,
         bounds = [at[f"b{i}.{n}"] for n in range(n_blocks)] + [at[f"e{i}"]]
         m.plain_flops = at[f"m{i}"] - at[f"f{i}"]
         m.block_flops = [b - a for a, b in itertools.pairwise(bounds)]
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()), parts
 
 
 def _options(i: int, m: StageMeasure, traces: dict[str, _Timeline], modes: Sequence[str],
@@ -386,16 +447,60 @@ def _options(i: int, m: StageMeasure, traces: dict[str, _Timeline], modes: Seque
             if not any(p.dominates(o) for p in options[:k])]
 
 
-def _simulate(choice: Sequence[Option], gaps: _Timeline) -> int:
-    """Predicted peak of a step whose stages run as ``choice`` (the parts between stages as
-    traced in ``gaps``)."""
+def _gap(g: int, k: int, trace: _Timeline) -> tuple[Phase, Phase]:
+    """Forward and backward of gap ``g`` of ``k`` stages (before stage ``g``; the last, after
+    the last stage, is the head, the loss and the head's backward, all in its forward)."""
+    forward = trace.span("start" if g == 0 else f"e{g - 1}", f"f{g}" if g < k else f"B{k - 1}")
+    backward = Phase(0, 0) if g == k else trace.span(f"D{g}", f"B{g - 1}" if g else "stop")
+    return forward, backward
+
+
+def _gap_options(k: int, parts: list[FoundPart], traces: dict[str, _Timeline]
+                 ) -> list[list[GapOption]]:
+    """Every gap stored as plain autograd ran it, and, where it holds parts, checkpointed as
+    in the checkpoint trace (every part recomputed once more)."""
+    options = []
+    for g in range(k + 1):
+        mine = [p for p in parts if p.gap == g]
+        options.append([GapOption(False, *_gap(g, k, traces["autograd"]), 0.0)])
+        if mine:
+            options[-1].append(GapOption(True, *_gap(g, k, traces["checkpoint"]),
+                                         sum(p.flops for p in mine)))
+    return options
+
+
+def _simulate(choice: Sequence[Option], gaps: Sequence[GapOption]) -> int:
+    """Predicted peak of a step whose stages run as ``choice`` and the gaps around them as
+    ``gaps``."""
     k = len(choice)
-    phases = [gaps.span("start", "f0")]
+    phases = [gaps[0].forward]
     for i, option in enumerate(choice):
-        phases += [option.forward, gaps.span(f"e{i}", f"f{i + 1}" if i + 1 < k else f"B{i}")]
+        phases += [option.forward, gaps[i + 1].forward]
     for i in reversed(range(k)):
-        phases += [choice[i].backward, gaps.span(f"D{i}", f"B{i - 1}" if i else "stop")]
+        phases += [choice[i].backward, gaps[i].backward]
     return _then(phases).peak
+
+
+def _peak_at(choice: Sequence[Option], gaps: Sequence[GapOption], paths: Sequence[str]
+             ) -> tuple[str, int]:
+    """Where ``_simulate``'s peak is reached, and what is allocated when that phase starts."""
+    k = len(choice)
+    gap = lambda g: "the stem" if g == 0 else "the head" if g == k else \
+        f"the parts after {paths[g - 1]}"  # noqa: E731
+    phases = [(f"{gap(0)}'s forward", gaps[0].forward)]
+    for i, option in enumerate(choice):
+        phases += [(f"{paths[i]}'s forward", option.forward),
+                   (f"{gap(i + 1)}'s forward" + (", the loss and its backward" if i == k - 1
+                                                 else ""), gaps[i + 1].forward)]
+    for i in reversed(range(k)):
+        phases += [(f"{paths[i]}'s backward", choice[i].backward),
+                   (f"{gap(i)}'s backward", gaps[i].backward)]
+    level, best = 0, (-1, "", 0)
+    for label, phase in phases:
+        if level + phase.peak > best[0]:
+            best = (level + phase.peak, label, level)
+        level += phase.delta
+    return best[1], best[2]
 
 
 @contextlib.contextmanager
@@ -423,7 +528,9 @@ class Measurements:
     """What ``measure`` found: the traces of a step under each strategy, and the FLOPs; each
     ``choose`` sets the model's stages for a budget without measuring again."""
 
+    model: nn.Module
     stages: list[StageMeasure]
+    parts: list[FoundPart]
     traces: dict[str, _Timeline]
     modes: tuple[str, ...]
     flops: float  # of one forward pass of the whole model
@@ -433,17 +540,21 @@ class Measurements:
     def plain_peak(self) -> int:
         return self.traces["autograd"].peak
 
-    def scored(self) -> list[tuple[int, float, int, tuple[Option, ...]]]:
-        """Every plan worth considering as ``(peak, extra FLOPs, index, options)``, by peak."""
+    def scored(self) -> list[tuple[int, float, int, tuple]]:
+        """Every plan worth considering as ``(peak, extra FLOPs, index, options)``, by peak;
+        ``options``: one per stage, then one per gap."""
         if self._scored is None:
+            k = len(self.stages)
+            gaps = _gap_options(k, self.parts, self.traces)
             dense = math.prod(len(m.stage.momentum.functions) * len(self.modes) * 2
-                              for m in self.stages) <= _MAX_COMBINATIONS
+                              for m in self.stages) * math.prod(map(len, gaps)) \
+                <= _MAX_COMBINATIONS
             options = [_options(i, m, self.traces, self.modes, dense)
                        for i, m in enumerate(self.stages)]
-            gaps = self.traces["autograd"]  # the parts between stages, as plain autograd ran
             self._scored = sorted(
-                (_simulate(choice, gaps), sum(o.extra_flops for o in choice), n, choice)
-                for n, choice in enumerate(itertools.product(*options)))
+                (_simulate(choice[:k], choice[k:]), sum(o.extra_flops for o in choice), n,
+                 choice)
+                for n, choice in enumerate(itertools.product(*options, *gaps)))
         return self._scored
 
     def choose(self, budget: int | float | str | None = None) -> Plan:
@@ -462,14 +573,28 @@ class Measurements:
                     "raise the budget or lower the batch size.")
             peak, extra, _, choice = min(fitting, key=lambda s: (s[1], s[0], s[2]))
         step = 3 * self.flops
+        k = len(self.stages)
         rows = []
-        for m, option in zip(self.stages, choice, strict=True):
+        for m, option in zip(self.stages, choice[:k], strict=True):
             m.stage.strategy, m.stage.checkpoint = option.strategy, option.checkpoint
             own = 3 * (m.plain_flops + sum(m.block_flops))
             rows.append(StagePlan(m.path, option.strategy, option.checkpoint,
                                   option.forward.delta, option.backward.peak,
                                   (own + option.extra_flops) / step))
-        return Plan(rows, peak, self.plain_peak, least, (step + extra) / step, wanted)
+        gap_rows = []
+        for g, option in enumerate(choice[k:]):
+            mine = [p for p in self.parts if p.gap == g]
+            for found in mine:
+                checkpoint_part(self.model, found.part, option.checkpoint)
+            if mine:
+                own = 3 * sum(p.flops for p in mine)
+                gap_rows.append(PartPlan(g, tuple(p.part for p in mine), option.checkpoint,
+                                         option.forward.delta,
+                                         option.backward.peak if g < k else option.forward.peak,
+                                         (own + option.extra_flops) / step))
+        where, below = _peak_at(choice[:k], choice[k:], [m.path for m in self.stages])
+        return Plan(rows, peak, self.plain_peak, least, (step + extra) / step, wanted,
+                    parts=gap_rows, peak_at=where, stored_at_peak=below)
 
 
 def measure(model: nn.Module, *example_inputs, modes: Sequence[str] = EXACT_MODES,
@@ -488,25 +613,42 @@ def measure(model: nn.Module, *example_inputs, modes: Sequence[str] = EXACT_MODE
     stages = [StageMeasure(path, stage) for path, stage in found.items()]
     before = [(m.stage.strategy, m.stage.checkpoint) for m in stages]
     traces: dict[str, _Timeline] = {}
+    losses: dict[str, float] = {}
+    parts: list[FoundPart] = []
+    parts_before: list[bool] = []
     try:
         with _state_kept(model):
-            flops = _count_flops(model, example_inputs, kwargs, stages)
+            # (A part found runs the same whether it is checkpointed now or not.)
+            flops, parts = _count_flops(model, example_inputs, kwargs, stages)
+            parts_before = [part_checkpointed(model, p.part) for p in parts]
+            generator = torch.get_rng_state()  # every run draws the same random numbers
             runs = [(m, Strategy(m)) for m in dict.fromkeys(["autograd", "checkpoint", *modes])]
             runs += [(f"{m}+1", Strategy(m, keep_last=1)) for m in modes if Strategy(m).memory_free]
             for name, strategy in runs:
-                _configure(stages, strategy, checkpoint=name != "autograd")
+                # Parts are checkpointed with the first blocks, in every run but autograd's.
+                torch.set_rng_state(generator)
+                _configure(model, stages, parts, strategy, checkpoint=name != "autograd")
                 # Blocks are marked one by one where some run under autograd.
                 by_block = name == "autograd" or strategy.keep_last > 0
-                traces[name] = _Timeline(_traced_step(model, example_inputs, kwargs, stages,
-                                                      by_block))
+                trace, losses[name] = _traced_step(model, example_inputs, kwargs, stages,
+                                                   by_block)
+                traces[name] = _Timeline(trace)
     finally:
         for m, (strategy, checkpoint) in zip(stages, before, strict=True):
             m.stage.strategy, m.stage.checkpoint = strategy, checkpoint
+        for p, on in zip(parts, parts_before, strict=False):
+            checkpoint_part(model, p.part, on)
+    if parts and not math.isclose(losses["checkpoint"], losses["autograd"], rel_tol=1e-4,
+                                  abs_tol=1e-12):
+        raise ValueError(
+            "momres: plan: with its parts (" + ", ".join(str(p.part) for p in parts) + ") "
+            "checkpointed the model computes another loss: its forward uses an intermediate "
+            "output of one of them elsewhere. Plan without them: parts=False.")
     order = sorted(range(len(stages)), key=lambda i: traces["autograd"].at[f"f{i}"])
     if order != list(range(len(stages))):
         raise ValueError("momres: plan: the model runs its stages in another order than it "
                          "holds them; such a model cannot be planned yet.")
-    return Measurements(stages, traces, modes, flops)
+    return Measurements(model, stages, parts, traces, modes, flops)
 
 
 def plan(model: nn.Module, *example_inputs, budget: int | float | str | None = None,
@@ -537,4 +679,17 @@ def plan(model: nn.Module, *example_inputs, budget: int | float | str | None = N
 def traced_peak(model: nn.Module, *inputs, **kwargs) -> int:
     """The traced peak of one training step as ``model`` now runs (its state left as it was)."""
     with _state_kept(model):
+        return memory.peak_bytes(lambda: _loss(model(*inputs, **kwargs)).backward(), "cpu")
+
+
+def traced_peak_over_gradients(model: nn.Module, *inputs, **kwargs) -> int:
+    """The traced peak of one training step above the weights *and their gradients*: the
+    gradients are allocated (zeros, as ``zero_grad(set_to_none=False)`` leaves them after a
+    first step) before the traced step, which accumulates into them.  Issue 12's first table
+    measures this way (growth over a step with weights and gradients allocated); ``traced_peak``
+    counts the gradients the step allocates.  The model's state is left as it was."""
+    with _state_kept(model):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
         return memory.peak_bytes(lambda: _loss(model(*inputs, **kwargs)).backward(), "cpu")
