@@ -469,36 +469,44 @@ def _gap_options(k: int, parts: list[FoundPart], traces: dict[str, _Timeline]
     return options
 
 
+def _phases(choice: Sequence[Option], gaps: Sequence[GapOption]
+            ) -> list[tuple[str, str, int, Phase]]:
+    """The phases of a step whose stages run as ``choice`` and the gaps around them as
+    ``gaps``, in order, each as ``(direction, "stage" or "gap", its index, phase)``."""
+    k = len(choice)
+    phases = [("forward", "gap", 0, gaps[0].forward)]
+    for i, option in enumerate(choice):
+        phases += [("forward", "stage", i, option.forward),
+                   ("forward", "gap", i + 1, gaps[i + 1].forward)]
+    for i in reversed(range(k)):
+        phases += [("backward", "stage", i, choice[i].backward),
+                   ("backward", "gap", i, gaps[i].backward)]
+    return phases
+
+
 def _simulate(choice: Sequence[Option], gaps: Sequence[GapOption]) -> int:
     """Predicted peak of a step whose stages run as ``choice`` and the gaps around them as
     ``gaps``."""
-    k = len(choice)
-    phases = [gaps[0].forward]
-    for i, option in enumerate(choice):
-        phases += [option.forward, gaps[i + 1].forward]
-    for i in reversed(range(k)):
-        phases += [choice[i].backward, gaps[i].backward]
-    return _then(phases).peak
+    return _then(phase for *_, phase in _phases(choice, gaps)).peak
 
 
 def _peak_at(choice: Sequence[Option], gaps: Sequence[GapOption], paths: Sequence[str]
              ) -> tuple[str, int]:
     """Where ``_simulate``'s peak is reached, and what is allocated when that phase starts."""
     k = len(choice)
-    gap = lambda g: "the stem" if g == 0 else "the head" if g == k else \
-        f"the parts after {paths[g - 1]}"  # noqa: E731
-    phases = [(f"{gap(0)}'s forward", gaps[0].forward)]
-    for i, option in enumerate(choice):
-        phases += [(f"{paths[i]}'s forward", option.forward),
-                   (f"{gap(i + 1)}'s forward" + (", the loss and its backward" if i == k - 1
-                                                 else ""), gaps[i + 1].forward)]
-    for i in reversed(range(k)):
-        phases += [(f"{paths[i]}'s backward", choice[i].backward),
-                   (f"{gap(i)}'s backward", gaps[i].backward)]
+
+    def label(direction: str, kind: str, i: int) -> str:
+        if kind == "stage":
+            return f"{paths[i]}'s {direction}"
+        where = "the stem" if i == 0 else "the head" if i == k else \
+            f"the parts after {paths[i - 1]}"
+        last = direction == "forward" and i == k > 0
+        return f"{where}'s {direction}" + (", the loss and its backward" if last else "")
+
     level, best = 0, (-1, "", 0)
-    for label, phase in phases:
+    for direction, kind, i, phase in _phases(choice, gaps):
         if level + phase.peak > best[0]:
-            best = (level + phase.peak, label, level)
+            best = (level + phase.peak, label(direction, kind, i), level)
         level += phase.delta
     return best[1], best[2]
 
