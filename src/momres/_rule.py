@@ -409,8 +409,8 @@ class RuleStep(torch.autograd.Function):
         ctx.gamma, ctx.residual = gamma, residual
         ctx.set_materialize_grads(False)
         lib = _kernels.kernels(x)
-        fused = lib and _kernels.rule_forward(lib, x, v, y, gamma, residual)
-        if fused:
+        fused = None if lib is None else _kernels.rule_forward(lib, x, v, y, gamma, residual)
+        if fused is not None:
             return fused
         g = y if residual else y - x
         v = torch.mul(v, gamma).add_(g, alpha=1 - gamma)
