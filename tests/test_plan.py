@@ -24,7 +24,9 @@ from momres.plan import measure, parse_bytes, traced_peak
 from helpers import gradients, output_and_gradients, relative_error
 
 STRATEGIES = ["autograd", "checkpoint", "exact", "float", Strategy("exact", keep_last=1),
-              Strategy("float", keep_last=2), Strategy("exact", keep_last=9)]
+              Strategy("float", keep_last=2), Strategy("exact", keep_last=9),
+              Strategy("checkpoint", segment=2), Strategy("checkpoint", keep_last=1),
+              Strategy("checkpoint", keep_last=1, segment=3)]
 
 
 def small_model(name: str = "mresnet20") -> nn.Module:
@@ -73,10 +75,18 @@ def test_strategy_api_and_the_flags_it_maps():
     assert stage.strategy == Strategy("exact")
     with pytest.raises(ValueError, match="unknown strategy 'fast'"):
         stage.strategy = "fast"
-    with pytest.raises(ValueError, match="keep_last applies to the memory-free"):
-        Strategy("checkpoint", keep_last=1)
+    stage.strategy = Strategy("checkpoint", keep_last=1, segment=2)
+    assert str(stage.strategy) == "checkpoint, keep_last=1, segment=2"
+    assert (stage.momentum.keep_last, stage.momentum.segment) == (1, 2)
+    with pytest.raises(ValueError, match="keep_last applies to the strategies that recompute"):
+        Strategy("autograd", keep_last=1)
     with pytest.raises(ValueError, match="keep_last must be an integer >= 0"):
         Strategy("exact", keep_last=-1)
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="segment must be an integer >= 1"):
+            Strategy("checkpoint", segment=bad)
+    with pytest.raises(ValueError, match="segment applies to 'checkpoint' only"):
+        Strategy("exact", segment=2)
     with pytest.raises(TypeError, match="a strategy is a Strategy"):
         stage.strategy = 3
     plain = momres.to_momentum(torch.nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 0.0,
@@ -172,11 +182,18 @@ def test_strategies_store_what_they_say():
     x = torch.randn(2, 8, 8, 8, requires_grad=True)
     stage = MomentumStage({str(n): BasicBlock(8, 8) for n in range(4)}, 0.9)
     stored = {}
-    for strategy in ("autograd", "checkpoint", "exact", Strategy("exact", keep_last=2)):
+    for strategy in ("autograd", "checkpoint", "exact", Strategy("exact", keep_last=2),
+                     Strategy("checkpoint", segment=2), Strategy("checkpoint", segment=3),
+                     Strategy("checkpoint", keep_last=2, segment=2)):
         stage.strategy = strategy
         stored[str(strategy)] = momres.activation_memory(stage, x) / x.numel()
     assert stored["checkpoint"] == 4 + 8 * 3
     assert stored["exact"] < stored["exact, keep_last=2"] < stored["autograd"]
+    # In segments, (x, v) only at the start of each: x at the first, both at the others.
+    assert stored["checkpoint, segment=2"] == stored["checkpoint, segment=3"] == 4 + 8
+    blocks_kept = stored["autograd"] / 2  # per element of x, what two blocks store (of four)
+    assert stored["checkpoint, keep_last=2, segment=2"] == pytest.approx(4 + blocks_kept,
+                                                                         abs=0.5)
 
 
 def _parts_of_copy(model: nn.Module, x: torch.Tensor) -> list:
