@@ -160,6 +160,27 @@ def test_budget_plans_fit_are_deterministic_and_bad_budgets_are_clear_errors():
     assert parse_bytes(" 1.5 kib ") == 1536 and parse_bytes(4096) == 4096
 
 
+def test_plans_that_checkpoint_in_segments_or_keep_blocks_are_predicted_within_15_percent():
+    """Between the least peak and plain autograd's, some plans checkpoint a stage in segments
+    and some checkpoint its first blocks and store the last: their traced peaks are as
+    predicted."""
+    model = small_model("mresnet32").float()
+    x = torch.randn(8, 3, 16, 16)
+    measured = measure(model, x)
+    least, plain = measured.choose().peak, measured.plain_peak
+    seen = set()
+    for k in range(1, 8):
+        plan = measured.choose(least + (plain - least) * k // 8)
+        new = {name for s in plan.stages if s.strategy.mode == "checkpoint"
+               for name, used in (("segment", s.strategy.segment > 1),
+                                  ("keep_last", s.strategy.keep_last > 0)) if used}
+        if new:
+            traced = traced_peak(model, x)
+            assert abs(traced - plan.peak) <= 0.15 * traced
+            seen |= new
+    assert seen == {"segment", "keep_last"}
+
+
 def test_plan_of_a_model_without_stages_is_refused():
     with pytest.raises(ValueError, match="no momentum stage"):
         momres.plan(models.create_model("resnet20"), torch.randn(2, 3, 8, 8))
