@@ -2,9 +2,11 @@
 
 The peak of a training step is what decides whether it fits.  Traced on the example batch,
 one whole training step per strategy (all stages alike: plain autograd, checkpointed per block,
-memory-free exact and, if allowed, float) is cut into phases at marks set by hooks: the
-forward and the backward of each stage's first (plain) blocks, of its momentum blocks (block by
-block under plain autograd), and of the parts between stages (stem, head, loss).  Each phase is
+memory-free exact and, if allowed, float; and, with checkpointing allowed, each stage of ``n``
+momentum blocks checkpointed in segments of ``StageMeasure.segment`` = ceil(sqrt(n)) blocks) is
+cut into phases at marks set by hooks: the forward and the backward of each stage's first
+(plain) blocks, of its momentum blocks (block by block under plain autograd or checkpointed),
+and of the parts between stages (stem, head, loss).  Each phase is
 summed up as ``(peak, delta)``: how far the allocated bytes rise above their level at its start,
 and where they end.  A plan picks, per stage, a strategy for its momentum blocks and whether its
 plain blocks are checkpointed, and its predicted peak replays the phases in order:
@@ -14,13 +16,15 @@ plain blocks are checkpointed, and its predicted peak replays the phases in orde
 so stores accumulate stage by stage in the forward pass, and during the backward pass each
 stage's working set lands on what is still stored (plus the parameter gradients already made).
 A stage that keeps its last ``k`` blocks (``Strategy(mode, keep_last=k)``) is the memory-free
-phase followed by those blocks' own phases under plain autograd.  The ordinary modules around
+phase followed by those blocks' own phases under plain autograd; checkpointed, it is its trace's
+phases up to block ``n - k`` (any block per block; in segments, after whole segments) followed
+by the same.  The ordinary modules around
 the stages (``convert.find_parts``: a ResNet's stem, its head) are planned per gap between
 stages: stored, as the autograd trace ran them, or checkpointed, as the checkpoint trace did.
 
 Time is a model, not a stopwatch, so that the same model, input and budget always give the same
 plan: a step costs three forward passes' FLOPs (forward and backward), plus one forward of
-every block recomputed, plus the fixed-point (or float) arithmetic of every memory-free block,
+every block recomputed (checkpointed or memory-free, whatever the segment), plus the fixed-point (or float) arithmetic of every memory-free block,
 counted as ``ARITHMETIC_FLOPS`` per element of the state.  FLOPs are counted by
 ``torch.utils.flop_counter``; times are reported relative to a plain-autograd step.
 """
