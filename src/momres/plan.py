@@ -24,9 +24,10 @@ stages: stored, as the autograd trace ran them, or checkpointed, as the checkpoi
 
 Time is a model, not a stopwatch, so that the same model, input and budget always give the same
 plan: a step costs three forward passes' FLOPs (forward and backward), plus one forward of
-every block recomputed (checkpointed or memory-free, whatever the segment), plus the fixed-point (or float) arithmetic of every memory-free block,
-counted as ``ARITHMETIC_FLOPS`` per element of the state.  FLOPs are counted by
-``torch.utils.flop_counter``; times are reported relative to a plain-autograd step.
+every block recomputed (checkpointed or memory-free, whatever the segment), plus the
+fixed-point (or float) arithmetic of every memory-free block, counted as ``ARITHMETIC_FLOPS``
+per element of the state.  FLOPs are counted by ``torch.utils.flop_counter``; times are
+reported relative to a plain-autograd step.
 """
 
 from __future__ import annotations
