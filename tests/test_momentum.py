@@ -127,6 +127,22 @@ def test_init_velocity_is_trained_through_the_same_backward():
     assert any(p is phi.weight for p in fast.parameters())
 
 
+@pytest.mark.parametrize("strategy", [
+    momres.Strategy("checkpoint", segment=3), momres.Strategy("checkpoint", segment=3, keep_last=2),
+    momres.Strategy("checkpoint", segment=9), momres.Strategy("checkpoint", keep_last=7)], ids=str)
+@pytest.mark.parametrize("with_phi", [False, True], ids=["v0=0", "v0=phi(x)"])
+def test_checkpointed_segments_give_autograds_gradients(strategy, with_phi):
+    """Seven blocks in segments of three (the last shorter), past the end, or all kept: both
+    outputs and every gradient as plain autograd's, whether v_0 is made again or stored."""
+    torch.manual_seed(0)
+    phi = nn.Linear(6, 6).double() if with_phi else None
+    net, plain = pair(stack(7), 0.9, init_velocity=phi)
+    net.strategy = strategy
+    x = torch.randn(4, 6, dtype=torch.float64)
+    got, expected = gradients(net, x), gradients(plain, x)
+    assert relative_error(got, expected) <= 1e-12
+
+
 def test_tensor_arguments_receive_gradients():
     """A decoder's encoder memory (a kwarg needing grad) gets plain autograd's gradient."""
 

@@ -24,7 +24,9 @@ from momres.plan import measure, parse_bytes, traced_peak
 from helpers import gradients, output_and_gradients, relative_error
 
 STRATEGIES = ["autograd", "checkpoint", "exact", "float", Strategy("exact", keep_last=1),
-              Strategy("float", keep_last=2), Strategy("exact", keep_last=9)]
+              Strategy("float", keep_last=2), Strategy("exact", keep_last=9),
+              Strategy("checkpoint", segment=2), Strategy("checkpoint", keep_last=1),
+              Strategy("checkpoint", keep_last=1, segment=3)]
 
 
 def small_model(name: str = "mresnet20") -> nn.Module:
@@ -73,10 +75,18 @@ def test_strategy_api_and_the_flags_it_maps():
     assert stage.strategy == Strategy("exact")
     with pytest.raises(ValueError, match="unknown strategy 'fast'"):
         stage.strategy = "fast"
-    with pytest.raises(ValueError, match="keep_last applies to the memory-free"):
-        Strategy("checkpoint", keep_last=1)
+    stage.strategy = Strategy("checkpoint", keep_last=1, segment=2)
+    assert str(stage.strategy) == "checkpoint, keep_last=1, segment=2"
+    assert (stage.momentum.keep_last, stage.momentum.segment) == (1, 2)
+    with pytest.raises(ValueError, match="keep_last applies to the strategies that recompute"):
+        Strategy("autograd", keep_last=1)
     with pytest.raises(ValueError, match="keep_last must be an integer >= 0"):
         Strategy("exact", keep_last=-1)
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="segment must be an integer >= 1"):
+            Strategy("checkpoint", segment=bad)
+    with pytest.raises(ValueError, match="segment applies to 'checkpoint' only"):
+        Strategy("exact", segment=2)
     with pytest.raises(TypeError, match="a strategy is a Strategy"):
         stage.strategy = 3
     plain = momres.to_momentum(torch.nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 0.0,
@@ -150,6 +160,27 @@ def test_budget_plans_fit_are_deterministic_and_bad_budgets_are_clear_errors():
     assert parse_bytes(" 1.5 kib ") == 1536 and parse_bytes(4096) == 4096
 
 
+def test_plans_that_checkpoint_in_segments_or_keep_blocks_are_predicted_within_15_percent():
+    """Between the least peak and plain autograd's, some plans checkpoint a stage in segments
+    and some checkpoint its first blocks and store the last: their traced peaks are as
+    predicted."""
+    model = small_model("mresnet32").float()
+    x = torch.randn(8, 3, 16, 16)
+    measured = measure(model, x)
+    least, plain = measured.choose().peak, measured.plain_peak
+    seen = set()
+    for k in range(1, 8):
+        plan = measured.choose(least + (plain - least) * k // 8)
+        new = {name for s in plan.stages if s.strategy.mode == "checkpoint"
+               for name, used in (("segment", s.strategy.segment > 1),
+                                  ("keep_last", s.strategy.keep_last > 0)) if used}
+        if new:
+            traced = traced_peak(model, x)
+            assert abs(traced - plan.peak) <= 0.15 * traced
+            seen |= new
+    assert seen == {"segment", "keep_last"}
+
+
 def test_plan_of_a_model_without_stages_is_refused():
     with pytest.raises(ValueError, match="no momentum stage"):
         momres.plan(models.create_model("resnet20"), torch.randn(2, 3, 8, 8))
@@ -172,11 +203,18 @@ def test_strategies_store_what_they_say():
     x = torch.randn(2, 8, 8, 8, requires_grad=True)
     stage = MomentumStage({str(n): BasicBlock(8, 8) for n in range(4)}, 0.9)
     stored = {}
-    for strategy in ("autograd", "checkpoint", "exact", Strategy("exact", keep_last=2)):
+    for strategy in ("autograd", "checkpoint", "exact", Strategy("exact", keep_last=2),
+                     Strategy("checkpoint", segment=2), Strategy("checkpoint", segment=3),
+                     Strategy("checkpoint", keep_last=2, segment=2)):
         stage.strategy = strategy
         stored[str(strategy)] = momres.activation_memory(stage, x) / x.numel()
     assert stored["checkpoint"] == 4 + 8 * 3
     assert stored["exact"] < stored["exact, keep_last=2"] < stored["autograd"]
+    # In segments, (x, v) only at the start of each: x at the first, both at the others.
+    assert stored["checkpoint, segment=2"] == stored["checkpoint, segment=3"] == 4 + 8
+    blocks_kept = stored["autograd"] / 2  # per element of x, what two blocks store (of four)
+    assert stored["checkpoint, keep_last=2, segment=2"] == pytest.approx(4 + blocks_kept,
+                                                                         abs=0.5)
 
 
 def _parts_of_copy(model: nn.Module, x: torch.Tensor) -> list:

@@ -19,6 +19,7 @@ from fractions import Fraction
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _exact
 from ._recompute import build_stage, evaluate
@@ -34,30 +35,40 @@ class Strategy:
     """How a momentum stage is executed; never what it computes.
 
     ``mode``: ``"autograd"`` stores every activation; ``"checkpoint"`` stores ``(x, v)`` at
-    each block's input and recomputes the block in the backward pass (``torch.utils.
-    checkpoint``, BatchNorm statistics updated once); ``"exact"`` and ``"float"`` are the
-    memory-free backward, inverting in fixed point or in floating point.  ``keep_last`` (the
-    memory-free modes only): the last ``keep_last`` blocks run under plain autograd instead,
-    storing their activations and skipping their recompute.
+    the input of every ``segment``-th block and recomputes each run of ``segment`` blocks in
+    the backward pass (``torch.utils.checkpoint``, BatchNorm statistics updated once);
+    ``"exact"`` and ``"float"`` are the memory-free backward, inverting in fixed point or in
+    floating point.  ``keep_last`` (all modes but autograd): the last ``keep_last`` blocks run
+    under plain autograd instead, storing their activations and skipping their recompute.
+    ``segment`` (checkpoint only; default 1, per block): a longer segment stores fewer states
+    and recomputes the same blocks, but its backward holds the activations of a whole segment.
 
         stage.strategy = "checkpoint"
         stage.strategy = Strategy("exact", keep_last=2)
+        stage.strategy = Strategy("checkpoint", keep_last=4, segment=3)
     """
 
     mode: str = "exact"
     keep_last: int = 0
+    segment: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"momres: unknown strategy {self.mode!r}; choose one of "
                              f"{', '.join(MODES)}.")
-        if isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int) \
-                or self.keep_last < 0:
+        if not _is_count(self.keep_last, 0):
             raise ValueError(f"momres: keep_last must be an integer >= 0, got {self.keep_last!r}.")
-        if self.keep_last and not self.memory_free:
-            raise ValueError(f"momres: keep_last applies to the memory-free strategies (exact, "
-                             f"float), not to {self.mode!r}, which stores or recomputes every "
+        if not _is_count(self.segment, 1):
+            raise ValueError(f"momres: segment must be an integer >= 1 (blocks recomputed "
+                             f"together), got {self.segment!r}.")
+        if self.keep_last and self.mode == "autograd":
+            raise ValueError("momres: keep_last applies to the strategies that recompute "
+                             "(checkpoint, exact, float), not to 'autograd', which stores every "
                              "block.")
+        if self.segment != 1 and self.mode != "checkpoint":
+            raise ValueError(f"momres: segment applies to 'checkpoint' only, not to "
+                             f"{self.mode!r}; use Strategy('checkpoint', segment="
+                             f"{self.segment!r}).")
 
     @classmethod
     def of(cls, value: Strategy | str) -> Strategy:
@@ -74,7 +85,13 @@ class Strategy:
         return self.mode in ("exact", "float")
 
     def __str__(self) -> str:
-        return self.mode + (f", keep_last={self.keep_last}" if self.keep_last else "")
+        return self.mode + (f", keep_last={self.keep_last}" if self.keep_last else "") + (
+            f", segment={self.segment}" if self.segment != 1 else "")
+
+
+def _is_count(value: object, least: int) -> bool:
+    """``value`` is an int (not a bool) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 class MomentumNet(nn.Module):
@@ -94,7 +111,8 @@ class MomentumNet(nn.Module):
         exact: rebuild activations bit-exactly with fixed-point arithmetic; ``False``
             inverts in floating point (faster, but the error grows like ``gamma**-depth``).
             Both flags are views of ``self.strategy`` (``Strategy``), which also offers
-            checkpointing per block and memory-free with the last blocks stored.
+            checkpointing (per block or per segment of blocks) and, with a recompute, the
+            last blocks stored.
         init_velocity: ``None`` for ``v_0 = 0``, or a module ``phi`` with ``v_0 = phi(x_0)``.
         frac_bits: fractional bits of the exact fixed-point state; values must stay below
             ``2**(52 - frac_bits)`` in magnitude.  ``None``: 30 (range +-4.2e6) for float32
@@ -140,7 +158,8 @@ class MomentumNet(nn.Module):
         self.memory_efficient = memory_efficient
         self.exact = exact
         self.checkpoint_blocks = False  # without memory_efficient: "checkpoint", else "autograd"
-        self.keep_last = 0  # with memory_efficient: blocks at the end run under plain autograd
+        self.keep_last = 0  # memory-free or checkpointed: blocks at the end under plain autograd
+        self.segment = 1  # checkpointed: blocks recomputed together
         self.init_velocity = init_velocity
         self.frac_bits = frac_bits
 
@@ -156,7 +175,9 @@ class MomentumNet(nn.Module):
         are views of it.  Assign a ``Strategy`` or a mode name to change it."""
         if self.memory_efficient:
             return Strategy("exact" if self.exact else "float", self.keep_last)
-        return Strategy("checkpoint" if self.checkpoint_blocks else "autograd")
+        if self.checkpoint_blocks:
+            return Strategy("checkpoint", self.keep_last, self.segment)
+        return Strategy("autograd")
 
     @strategy.setter
     def strategy(self, value: Strategy | str) -> None:
@@ -168,7 +189,7 @@ class MomentumNet(nn.Module):
         if value.memory_free:
             self.exact = value.mode == "exact"
         self.checkpoint_blocks = value.mode == "checkpoint"
-        self.keep_last = value.keep_last
+        self.keep_last, self.segment = value.keep_last, value.segment
 
     def extra_repr(self) -> str:
         num, den = self.gamma_fraction
@@ -186,24 +207,33 @@ class MomentumNet(nn.Module):
                 "the initial velocity must have the shape of x."
             )
         functions, gamma = list(self.functions), self.gamma
-        if not torch.is_grad_enabled():
-            x, v = momentum_rule(functions, gamma, x, v, args, kwargs, self.residual)
-        elif self.memory_efficient:
+        if torch.is_grad_enabled() and (self.memory_efficient or self.checkpoint_blocks):
+            # The first blocks are recomputed in the backward pass, the last keep_last stored.
             split = len(functions) - min(self.keep_last, len(functions))
-            if split:
+            if split and self.memory_efficient:
                 x, v = self._memory_free(functions[:split], x, v, args, kwargs)
-            x, v = momentum_rule(functions[split:], gamma, x, v, args, kwargs, self.residual)
-        elif self.checkpoint_blocks:
-            for n, f in enumerate(functions):  # the block's BatchNorm statistics updated once
-                if n == 0 and self.init_velocity is None:
-                    # v_0 = 0 is made again in the recompute rather than stored
-                    x, v = checkpointed(_from_rest, f, f, gamma, x, args, kwargs, self.residual)
-                else:
-                    x, v = checkpointed(momentum_rule, f, [f], gamma, x, v, args, kwargs,
-                                        self.residual)
-        else:
-            x, v = momentum_rule(functions, gamma, x, v, args, kwargs, self.residual)
+            elif split:
+                x, v = self._checkpointed(functions[:split], x, v, args, kwargs)
+            functions = functions[split:]
+        x, v = momentum_rule(functions, gamma, x, v, args, kwargs, self.residual)
         return (x, v) if return_velocity else x
+
+    def _checkpointed(self, functions: list[nn.Module], x: torch.Tensor, v: torch.Tensor,
+                      args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``functions`` under ``torch.utils.checkpoint`` in runs of ``self.segment`` blocks:
+        ``(x, v)`` stored at the start of each run, and the run's BatchNorm statistics updated
+        once (frozen in its recompute)."""
+        for start in range(0, len(functions), self.segment):
+            run = functions[start:start + self.segment]
+            norms = [m for f in run for m in f.modules() if isinstance(m, _BatchNorm)]
+            if start == 0 and self.init_velocity is None:
+                # v_0 = 0 is made again in the recompute rather than stored
+                x, v = checkpointed(_from_rest, None, run, self.gamma, x, args, kwargs,
+                                    self.residual, layers=norms)
+            else:
+                x, v = checkpointed(momentum_rule, None, run, self.gamma, x, v, args, kwargs,
+                                    self.residual, layers=norms)
+        return x, v
 
     # torch.compile must not trace into the memory-free Function: its exact arithmetic needs
     # the eager kernels' correctly rounded divisions (a compiled graph may turn them into
@@ -291,7 +321,7 @@ def momentum_rule(
     return x, v
 
 
-def _from_rest(f: nn.Module, gamma: float, x: torch.Tensor, args: tuple, kwargs: dict,
-               residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``momentum_rule`` over the one block ``f`` from ``(x, 0)``."""
-    return momentum_rule([f], gamma, x, torch.zeros_like(x), args, kwargs, residual)
+def _from_rest(functions: list[nn.Module], gamma: float, x: torch.Tensor, args: tuple,
+               kwargs: dict, residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``momentum_rule`` over ``functions`` from ``(x, 0)``."""
+    return momentum_rule(functions, gamma, x, torch.zeros_like(x), args, kwargs, residual)

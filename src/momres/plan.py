@@ -2,9 +2,11 @@
 
 The peak of a training step is what decides whether it fits.  Traced on the example batch,
 one whole training step per strategy (all stages alike: plain autograd, checkpointed per block,
-memory-free exact and, if allowed, float) is cut into phases at marks set by hooks: the
-forward and the backward of each stage's first (plain) blocks, of its momentum blocks (block by
-block under plain autograd), and of the parts between stages (stem, head, loss).  Each phase is
+memory-free exact and, if allowed, float; and, with checkpointing allowed, each stage of ``n``
+momentum blocks checkpointed in segments of ``StageMeasure.segment`` = ceil(sqrt(n)) blocks) is
+cut into phases at marks set by hooks: the forward and the backward of each stage's first
+(plain) blocks, of its momentum blocks (block by block under plain autograd or checkpointed),
+and of the parts between stages (stem, head, loss).  Each phase is
 summed up as ``(peak, delta)``: how far the allocated bytes rise above their level at its start,
 and where they end.  A plan picks, per stage, a strategy for its momentum blocks and whether its
 plain blocks are checkpointed, and its predicted peak replays the phases in order:
@@ -14,15 +16,18 @@ plain blocks are checkpointed, and its predicted peak replays the phases in orde
 so stores accumulate stage by stage in the forward pass, and during the backward pass each
 stage's working set lands on what is still stored (plus the parameter gradients already made).
 A stage that keeps its last ``k`` blocks (``Strategy(mode, keep_last=k)``) is the memory-free
-phase followed by those blocks' own phases under plain autograd.  The ordinary modules around
+phase followed by those blocks' own phases under plain autograd; checkpointed, it is its trace's
+phases up to block ``n - k`` (any block per block; in segments, after whole segments) followed
+by the same.  The ordinary modules around
 the stages (``convert.find_parts``: a ResNet's stem, its head) are planned per gap between
 stages: stored, as the autograd trace ran them, or checkpointed, as the checkpoint trace did.
 
 Time is a model, not a stopwatch, so that the same model, input and budget always give the same
 plan: a step costs three forward passes' FLOPs (forward and backward), plus one forward of
-every block recomputed, plus the fixed-point (or float) arithmetic of every memory-free block,
-counted as ``ARITHMETIC_FLOPS`` per element of the state.  FLOPs are counted by
-``torch.utils.flop_counter``; times are reported relative to a plain-autograd step.
+every block recomputed (checkpointed or memory-free, whatever the segment), plus the
+fixed-point (or float) arithmetic of every memory-free block, counted as ``ARITHMETIC_FLOPS``
+per element of the state.  FLOPs are counted by ``torch.utils.flop_counter``; times are
+reported relative to a plain-autograd step.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ EXACT_MODES = ("autograd", "checkpoint", "exact")
 ARITHMETIC_FLOPS = {"exact": 400, "float": 40}
 #: Above this many combinations, ``keep_last`` is offered in powers of two only.
 _MAX_COMBINATIONS = 2_000_000
+#: The traced run in which every stage is checkpointed in segments (``StageMeasure.segment``).
+SEGMENTS = "checkpoint, segments"
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -186,6 +193,13 @@ class StageMeasure:
     plain_flops: float = 0.0
     block_flops: list[float] = field(default_factory=list)
     elements: int = 0  # of the momentum state x
+
+    @property
+    def segment(self) -> int:
+        """Blocks per segment of the segmented checkpoint the planner traces and offers:
+        ceil(sqrt(n)) of n momentum blocks, as ``torch.utils.checkpoint_sequential`` over
+        sqrt(n) segments would store about as many states as it recomputes blocks at once."""
+        return math.isqrt(len(self.stage.momentum.functions) - 1) + 1
 
 
 @dataclass
@@ -334,8 +348,10 @@ class _Marks:
 
 
 def _configure(model: nn.Module, stages: list[StageMeasure], parts: list[FoundPart],
-               strategy: Strategy | str, checkpoint: bool) -> None:
-    for m in stages:
+               strategies: Sequence[Strategy], checkpoint: bool) -> None:
+    """Run each stage as its strategy says (one per stage), and the plain blocks and the parts
+    stored or checkpointed."""
+    for m, strategy in zip(stages, strategies, strict=True):
         m.stage.strategy, m.stage.checkpoint = strategy, checkpoint
     for found in parts:
         checkpoint_part(model, found.part, checkpoint)
@@ -413,24 +429,38 @@ def _options(i: int, m: StageMeasure, traces: dict[str, _Timeline], modes: Seque
     block_forward = lambda n: auto.span(start(n), stop(n))  # noqa: E731
     block_backward = lambda n: auto.span(out_grad(n), grad(n))  # noqa: E731
     plains = [False, True] if m.stage.plain else [False]
-    options = []
+    # How many last blocks a strategy that recomputes may store instead: any number, or
+    # (checkpointed in segments) the blocks after a whole number of its traced segments.
+    any_keep = list(range(n_blocks)) if dense_keep else sorted(
+        {0, *(2**j for j in range(n_blocks.bit_length()) if 2**j < n_blocks)})
+    runs = []  # (mode, segment, the trace it ran in, the numbers of blocks it may keep)
     for mode in modes:
-        keeps = [n_blocks] if mode == "autograd" else [0]
-        if mode in ("exact", "float"):
-            keeps = list(range(n_blocks)) if dense_keep else sorted(
-                {0, *(2**j for j in range(n_blocks.bit_length()) if 2**j < n_blocks)})
-        for keep, checkpoint in itertools.product(keeps, plains):
-            trace, plain = traces[mode], traces["checkpoint" if checkpoint else "autograd"]
+        if mode == "autograd":
+            runs.append((mode, 1, auto, [n_blocks]))
+            continue
+        runs.append((mode, 1, traces[mode], any_keep))
+        if mode == "checkpoint" and m.segment > 1:
+            s = m.segment
+            runs.append((mode, s, traces[SEGMENTS], sorted({0, *range(n_blocks - s, 0, -s)})))
+    options = []
+    for (mode, segment, trace, keeps), checkpoint in itertools.product(runs, plains):
+        plain = traces["checkpoint" if checkpoint else "autograd"]
+        for keep in keeps:
             kept = range(n_blocks - keep, n_blocks)  # blocks under plain autograd
             recomputed = n_blocks - keep
             forward = [plain.span(f"f{i}", f"m{i}")]
             backward = [block_backward(n) for n in reversed(kept)]
-            if recomputed and keep:
+            if recomputed and keep and mode != "checkpoint":
                 # With blocks kept, the velocity leaving the Function is used and its gradient
                 # comes back: its memory-free phases are those of a run that kept one block.
                 kept_one = traces[f"{mode}+1"]
                 forward.append(kept_one.span(f"m{i}", f"b{i}.{n_blocks - 1}"))
                 backward.append(kept_one.span(f"M{i}.{n_blocks - 1}", f"M{i}"))
+            elif recomputed and keep:
+                # Checkpointed, the blocks kept start where the trace stored (x, v) and went on
+                # checkpointing: its phases up to there are those of the recomputed blocks.
+                forward.append(trace.span(f"m{i}", f"b{i}.{recomputed}"))
+                backward.append(trace.span(f"M{i}.{recomputed}", f"M{i}"))
             elif recomputed:
                 forward.append(trace.span(f"m{i}", f"e{i}"))
                 backward.append(trace.span(f"B{i}", f"M{i}"))
@@ -439,10 +469,11 @@ def _options(i: int, m: StageMeasure, traces: dict[str, _Timeline], modes: Seque
             extra = (sum(m.block_flops[:recomputed])
                      + recomputed * m.elements * ARITHMETIC_FLOPS.get(mode, 0)
                      + (m.plain_flops if checkpoint else 0))
-            strategy = Strategy(mode, keep if mode in ("exact", "float") else 0)
+            strategy = Strategy(mode, keep if mode != "autograd" else 0, segment)
             options.append(Option(strategy, checkpoint, _then(forward), _then(backward), extra))
     options.sort(key=lambda o: (o.extra_flops, o.forward.peak, o.backward.peak,
-                                o.strategy.mode, o.strategy.keep_last, o.checkpoint))
+                                o.strategy.mode, o.strategy.keep_last, o.strategy.segment,
+                                o.checkpoint))
     return [o for k, o in enumerate(options)
             if not any(p.dominates(o) for p in options[:k])]
 
@@ -554,7 +585,8 @@ class Measurements:
         if self._scored is None:
             k = len(self.stages)
             gaps = _gap_options(k, self.parts, self.traces)
-            dense = math.prod(len(m.stage.momentum.functions) * len(self.modes) * 2
+            # (Checkpointing in segments as one more mode.)
+            dense = math.prod(len(m.stage.momentum.functions) * (len(self.modes) + 1) * 2
                               for m in self.stages) * math.prod(map(len, gaps)) \
                 <= _MAX_COMBINATIONS
             options = [_options(i, m, self.traces, self.modes, dense)
@@ -630,14 +662,21 @@ def measure(model: nn.Module, *example_inputs, modes: Sequence[str] = EXACT_MODE
             flops, parts = _count_flops(model, example_inputs, kwargs, stages)
             parts_before = [part_checkpointed(model, p.part) for p in parts]
             generator = torch.get_rng_state()  # every run draws the same random numbers
-            runs = [(m, Strategy(m)) for m in dict.fromkeys(["autograd", "checkpoint", *modes])]
-            runs += [(f"{m}+1", Strategy(m, keep_last=1)) for m in modes if Strategy(m).memory_free]
-            for name, strategy in runs:
+            alike = lambda strategy: [strategy] * len(stages)  # noqa: E731
+            runs = [(m, alike(Strategy(m)))
+                    for m in dict.fromkeys(["autograd", "checkpoint", *modes])]
+            runs += [(f"{m}+1", alike(Strategy(m, keep_last=1)))
+                     for m in modes if Strategy(m).memory_free]
+            if "checkpoint" in modes and any(m.segment > 1 for m in stages):
+                runs.append((SEGMENTS, [Strategy("checkpoint", segment=m.segment)
+                                        for m in stages]))
+            for name, strategies in runs:
                 # Parts are checkpointed with the first blocks, in every run but autograd's.
                 torch.set_rng_state(generator)
-                _configure(model, stages, parts, strategy, checkpoint=name != "autograd")
-                # Blocks are marked one by one where some run under autograd.
-                by_block = name == "autograd" or strategy.keep_last > 0
+                _configure(model, stages, parts, strategies, checkpoint=name != "autograd")
+                # Blocks are marked one by one where some run under autograd, and where they
+                # are checkpointed (a plan may store the last ones from any block on).
+                by_block = not strategies[0].memory_free or strategies[0].keep_last > 0
                 trace, losses[name] = _traced_step(model, example_inputs, kwargs, stages,
                                                    by_block)
                 traces[name] = _Timeline(trace)

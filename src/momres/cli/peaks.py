@@ -103,8 +103,8 @@ class SegmentCheckpoint(nn.Module):
 
 def build(model: Model, system: str, strategies: dict | None = None) -> nn.Module:
     """``model`` as ``system`` runs it; ``strategies`` (``stages``: path -> (mode, keep_last,
-    checkpoint); ``parts``: [parent, names, checkpoint] each) sets a plan's strategies without
-    planning again."""
+    segment, checkpoint); ``parts``: [parent, names, checkpoint] each) sets a plan's strategies
+    without planning again."""
     if system == "plain":
         return model.plain()[0]
     if system == "checkpoint":
@@ -114,16 +114,17 @@ def build(model: Model, system: str, strategies: dict | None = None) -> nn.Modul
         return net
     net = model.momentum()
     strategies = strategies or {}
-    for path, (mode, keep, ckpt) in strategies.get("stages", {}).items():
+    for path, (mode, keep, segment, ckpt) in strategies.get("stages", {}).items():
         stage = momentum_stages(net)[path]
-        stage.strategy, stage.checkpoint = Strategy(mode, keep), ckpt
+        stage.strategy, stage.checkpoint = Strategy(mode, keep, segment), ckpt
     for parent, names, ckpt in strategies.get("parts", []):
         checkpoint_part(net, Part(parent, tuple(names)), ckpt)
     return net
 
 
 def _strategies(plan: Plan) -> dict:
-    return {"stages": {s.path: (s.strategy.mode, s.strategy.keep_last, s.checkpoint)
+    return {"stages": {s.path: (s.strategy.mode, s.strategy.keep_last, s.strategy.segment,
+                                s.checkpoint)
                        for s in plan.stages},
             "parts": [(p.parent, p.names, g.checkpoint) for g in plan.parts for p in g.parts]}
 
