@@ -18,7 +18,7 @@ import torch
 
 from momres.cli.peaks import Model, build
 from momres.plan import format_bytes, measure, traced_peak
-from momres.timing import interleaved, median_ratio, step_time
+from momres.timing import add_allocator_option, interleaved, median_ratio, set_allocator, step_time
 
 MODELS = {
     "resnet50": Model("resnet", "resnet50", 16, 224),
@@ -34,7 +34,9 @@ def main() -> None:
                         choices=sorted(MODELS))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
+    add_allocator_option(parser)
     args = parser.parse_args()
+    print(set_allocator(args), flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}", flush=True)

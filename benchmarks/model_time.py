@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from momres.models import create_model
-from momres.timing import interleaved, median_ratio
+from momres.timing import add_allocator_option, interleaved, median_ratio, set_allocator
 
 CONFIGS = {"demo": (56, 64, 1, 16), "resnet110": (110, 128, 3, 32)}
 MODES = {"exact": {}, "float": {"exact": False}, "autograd": {"memory_efficient": False}}
@@ -28,7 +28,9 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="demo")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_allocator_option(parser)
     args = parser.parse_args()
+    print(set_allocator(args), flush=True)
     torch.set_num_threads(args.threads)
     depth, batch, channels, size = CONFIGS[args.config]
     torch.manual_seed(0)

@@ -20,7 +20,14 @@ import statistics
 import torch
 
 from momres.baselines import conv_stage
-from momres.timing import floor_step_time, interleaved, median_ratio, step_time
+from momres.timing import (
+    add_allocator_option,
+    floor_step_time,
+    interleaved,
+    median_ratio,
+    set_allocator,
+    step_time,
+)
 
 
 def eager_step_time(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -38,7 +45,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--eager", action="store_true",
                         help="also time exact mode with the eager arithmetic")
+    add_allocator_option(parser)
     args = parser.parse_args()
+    print(set_allocator(args), flush=True)
     x = torch.randn(args.batch, 32, 16, 16)
     systems = ["plain", "checkpoint", "momres-float", "momres-exact"]
     if importlib.util.find_spec("momentumnet"):

@@ -1,6 +1,12 @@
 """Suite-wide settings."""
 
+import os
+
 import torch
+
+# The tests call the momres command in their own process; it would tell glibc to keep freed
+# memory (memory.keep_freed_memory) for the rest of the process, under the resident-memory tests.
+os.environ["MOMRES_KEEP_FREED_MEMORY"] = "0"
 
 
 def pytest_configure(config):

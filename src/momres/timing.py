@@ -4,17 +4,23 @@ Within one run, every system is timed interleaved, round by round (``interleaved
 system's figure is the median over rounds of its step time divided by a baseline's in the same
 round.  A memory-free system is judged against the recompute floor (``floor_step_time``: one
 more forward pass without grad, then the step): what rebuilding activations costs, however it
-is done.
+is done.  The benchmark scripts keep freed memory for reuse, as the ``momres`` command does
+(``memory.keep_freed_memory``; ``--glibc-malloc`` leaves glibc's defaults): under the defaults
+every step faults its tensors' pages in again, a cost that grows with the bytes a system
+allocates rather than with its work, and that a GPU's caching allocator does not have.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+from . import memory
 
 
 def step_time(model: nn.Module, x: torch.Tensor) -> float:
@@ -59,3 +65,17 @@ def interleaved(steps: dict[str, Callable[[], float]], rounds: int) -> dict[str,
 def median_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
     """Median over rounds of ``times`` over ``reference`` in the same round (``interleaved``)."""
     return statistics.median(a / b for a, b in zip(times, reference, strict=True))
+
+
+def add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    """``--glibc-malloc`` for a benchmark script (see ``set_allocator``)."""
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="leave glibc's malloc defaults (every step faults its tensors' "
+                             "pages in again) instead of keeping freed memory for reuse")
+
+
+def set_allocator(args: argparse.Namespace) -> str:
+    """Keep freed memory for reuse unless ``args.glibc_malloc``; the condition, in words."""
+    if not args.glibc_malloc and memory.keep_freed_memory():
+        return "allocator: freed memory kept for reuse (glibc told not to unmap or trim)"
+    return "allocator: glibc's malloc defaults"
