@@ -200,6 +200,24 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
         PARALLEL(n, threads, rule_forward_##SUFFIX##_range(x, v, y, xo, vo, lo, hi,      \
                                                            (T)gamma, (T)alpha, residual)); \
     }                                                                                   \
+    /* The same with v' written over v (a velocity of the rule's own): x + v' is the one   \
+     * new tensor. */                                                                   \
+    CLONES static void rule_step_##SUFFIX##_range(                                      \
+        const T *restrict x, T *restrict v, const T *restrict y, T *restrict xo,         \
+        int64_t lo, int64_t hi, T gamma, T alpha, int residual) {                      \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T g = residual ? y[j] : y[j] - x[j];                                        \
+            T w = FMA(g, alpha, v[j] * gamma);                                          \
+            v[j] = w;                                                                   \
+            xo[j] = x[j] + w;                                                           \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_step_##SUFFIX(const T *x, T *v, const T *y, T *xo, int64_t n,       \
+                                   double gamma, double alpha, int residual,           \
+                                   int threads) {                                      \
+        PARALLEL(n, threads, rule_step_##SUFFIX##_range(x, v, y, xo, lo, hi, (T)gamma,    \
+                                                        (T)alpha, residual));          \
+    }                                                                                   \
     /* The same in place, g given: v <- gamma*v + alpha*g; x <- x + v. */                \
     CLONES static void rule_advance_##SUFFIX##_range(                                   \
         T *restrict x, T *restrict v, const T *restrict g, int64_t lo, int64_t hi,      \

@@ -49,6 +49,7 @@ FUNCTIONS = {
     "momres_retreat_f64": [_ptr, _ptr, _i64, _int, _int],
     **{f"momres_rule_{name}_{t}": arguments for t in ("f32", "f64") for name, arguments in {
         "forward": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
+        "step": [_ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
         "advance": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
         "rebuild": [_ptr, _ptr, _i64, _f64, _f64, _int],
         "backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
@@ -221,6 +222,19 @@ def rule_forward(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, y: torch.Te
         x.data_ptr(), v.data_ptr(), y.data_ptr(), x_out.data_ptr(), v_out.data_ptr(),
         x.numel(), gamma, 1 - gamma, residual, torch.get_num_threads())
     return x_out, v_out
+
+
+def rule_step_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, y: torch.Tensor,
+               gamma: float, residual: bool) -> torch.Tensor | None:
+    """``rule_forward`` with ``v'`` written over ``v``: gives ``x + v'`` (a new tensor)."""
+    suffix = _floats(x, v, y)
+    if suffix is None:
+        return None
+    x_out = torch.empty_like(x)
+    getattr(lib, f"momres_rule_step_{suffix}")(
+        x.data_ptr(), v.data_ptr(), y.data_ptr(), x_out.data_ptr(), x.numel(), gamma,
+        1 - gamma, residual, torch.get_num_threads())
+    return x_out
 
 
 def rule_advance_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

@@ -396,6 +396,11 @@ class RuleStep(torch.autograd.Function):
     ``(x, v, y) -> (x + v', v')`` with ``v' = gamma v + (1 - gamma) g``, where ``g = y`` for a
     residual branch and ``g = y - x`` for a block with its own skip connection.
 
+    With ``own_v``, ``v'`` is written over ``v`` (marked dirty): for a velocity that only the
+    rule itself holds, the previous step's ``v'``, which no node saves (this one's backward
+    needs none of its inputs) and no caller sees; the block's output is then one new tensor,
+    not two.  Autograd's version counters refuse the step if anything did save ``v``.
+
     The forward computes the same numbers as ``FloatInversion.advance`` (the same operations
     in the same order).  The backward is linear in the incoming gradients and written with
     differentiable operations, so it can itself be differentiated (double backward).  On the
@@ -405,15 +410,21 @@ class RuleStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, v: torch.Tensor, y: torch.Tensor, gamma: float,
-                residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                residual: bool, own_v: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.gamma, ctx.residual = gamma, residual
         ctx.set_materialize_grads(False)
         lib = _kernels.kernels(x)
-        fused = None if lib is None else _kernels.rule_forward(lib, x, v, y, gamma, residual)
-        if fused is not None:
-            return fused
+        if own_v:
+            ctx.mark_dirty(v)
+            x_out = None if lib is None else _kernels.rule_step_(lib, x, v, y, gamma, residual)
+            if x_out is not None:
+                return x_out, v
+        elif lib is not None:
+            fused = _kernels.rule_forward(lib, x, v, y, gamma, residual)
+            if fused is not None:
+                return fused
         g = y if residual else y - x
-        v = torch.mul(v, gamma).add_(g, alpha=1 - gamma)
+        v = (v.mul_(gamma) if own_v else torch.mul(v, gamma)).add_(g, alpha=1 - gamma)
         return x + v, v
 
     @staticmethod
@@ -422,15 +433,15 @@ class RuleStep(torch.autograd.Function):
         # b = dL/dx' + dL/dv' is the gradient of v'; the rest is scaling.
         b = a_v if a_x is None else a_x if a_v is None else a_x + a_v
         if b is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         lib = _kernels.kernels(b) if a_x is not None and a_v is not None else None
         if lib is not None and not torch.is_grad_enabled():  # else: double backward
             fused = _kernels.rule_backward(lib, a_x, a_v, gamma, ctx.residual)
             if fused is not None:
-                return *fused, None, None
+                return *fused, None, None, None
         grad_y = b * (1 - gamma)
         grad_x = a_x if ctx.residual else (-grad_y if a_x is None else a_x - grad_y)
-        return grad_x, b * gamma, grad_y, None, None
+        return grad_x, b * gamma, grad_y, None, None, None
 
 
 class MomentumFunction(torch.autograd.Function):

@@ -285,9 +285,10 @@ def momentum_rule(
     at all) by plain autograd.  ``MomentumNet(memory_efficient=False)`` runs this."""
     kwargs = kwargs or {}
     for n, f in enumerate(functions):
-        # The block's own output, then the rule's update as one graph node (``RuleStep``).
+        # The block's own output, then the rule's update as one graph node (``RuleStep``);
+        # after the first block, v is the rule's own and is updated in place.
         y = evaluate(n, f, x, args, kwargs, residual=True)
-        x, v = RuleStep.apply(x, v, y, gamma, residual)
+        x, v = RuleStep.apply(x, v, y, gamma, residual, n > 0)
     return x, v
 
 

@@ -1,0 +1,75 @@
+"""The rule's buffer-saving paths (issue 15) give the numbers of the paths they replace, bit for
+bit: ``RuleStep`` updating the rule's own velocity in place, and the fused kernels of the
+memory-free backward."""
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import momres
+from momres import _kernels
+from momres._rule import RuleStep
+
+pytestmark = pytest.mark.skipif(shutil.which(_kernels.compiler()) is None,
+                                reason="no C compiler: the fused kernels cannot be built")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MOMRES_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernels"))
+    monkeypatch.delenv("MOMRES_KERNELS", raising=False)
+
+
+def library():
+    lib = _kernels.kernels(torch.zeros(1))
+    assert lib is not None
+    return lib
+
+
+def values(n, dtype, generator):
+    """Random values of widely spread magnitudes, with exact zeros of both signs."""
+    t = torch.randn(n, generator=generator, dtype=torch.float64)
+    t *= 10.0 ** torch.randint(-6, 3, (n,), generator=generator)
+    t[:3] = torch.tensor([0.0, -0.0, 0.5])
+    return t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("residual", [True, False])
+def test_rule_step_kernel_matches_the_eager_operations(dtype, residual):
+    """An odd length: the vectorised body and the scalar tail."""
+    gen, n = torch.Generator().manual_seed(5), 100_003
+    x, v, y = (values(n, dtype, gen) for _ in range(3))
+    g = y if residual else y - x
+    v_new = torch.mul(v, 0.9).add_(g, alpha=1 - 0.9)
+    x_new = _kernels.rule_step_(library(), x, v, y, 0.9, residual)
+    assert torch.equal(v, v_new) and torch.equal(x_new, x + v_new)
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_autograd_with_the_velocity_updated_in_place_matches_fresh_tensors(monkeypatch,
+                                                                           kernels):
+    """``momentum_rule`` (own velocity updated in place after the first block) against the
+    same steps with a new velocity each: the same outputs and gradients, bit for bit."""
+    monkeypatch.setenv("MOMRES_KERNELS", kernels)
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Tanh()) for _ in range(5)]
+    net = momres.MomentumNet(blocks, 0.9, residual=False, memory_efficient=False)
+    x = torch.randn(8, 4, 6, 6, requires_grad=True)
+
+    def fresh(x):
+        v = torch.zeros_like(x)
+        for f in blocks:
+            x, v = RuleStep.apply(x, v, f(x), net.gamma, False, False)
+        return x, v
+
+    results = []
+    for run in (lambda x: net(x, return_velocity=True), fresh):
+        x_out, v_out = run(x)
+        grads = torch.autograd.grad((x_out.square().sum() + v_out.sin().sum()),
+                                    [x, *net.parameters()])
+        results.append([x_out.detach(), v_out.detach(), *grads])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
