@@ -73,3 +73,38 @@ def test_autograd_with_the_velocity_updated_in_place_matches_fresh_tensors(monke
         results.append([x_out.detach(), v_out.detach(), *grads])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("residual", [True, False])
+def test_backward_gradient_kernel_matches_the_eager_operations(dtype, residual):
+    gen, n, gamma = torch.Generator().manual_seed(6), 100_003, 0.9
+    a_x, b, grad = (values(n, dtype, gen) for _ in range(3))
+    want_x = a_x.clone().add_(grad if residual else grad - b, alpha=1 - gamma)
+    want_v = b * gamma
+    assert _kernels.rule_grads_(library(), a_x, b, grad, gamma, residual)
+    assert torch.equal(a_x, want_x) and torch.equal(b, want_v)
+
+
+def test_backward_gradient_kernel_refuses_a_gradient_sharing_the_cotangent():
+    b = torch.randn(10)
+    assert not _kernels.rule_grads_(library(), torch.randn(10), b, b, 0.9, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rebuilds_from_a_blocks_output_and_input_match_the_difference(dtype):
+    """``g = y - x`` taken in the rebuild's pass: float mode's kernel and the exact one."""
+    gen, n, lib = torch.Generator().manual_seed(7), 100_003, library()
+    v, y, x = (values(n, dtype, gen) for _ in range(3))
+    want, got = v.clone(), v.clone()
+    assert _kernels.rule_rebuild_(lib, want, y - x, 0.9)
+    assert _kernels.rule_rebuild_(lib, got, y, 0.9, x)
+    assert torch.equal(got, want)
+    units = torch.randint(-2**40, 2**40, (n,), generator=gen).double()
+    buf = torch.randint(0, 2**31 - 1, (n,), generator=gen).to(torch.int32)
+    results = []
+    for g, skip in ((y - x, None), (y, x)):
+        vt, bt = units.clone(), buf.clone()
+        assert _kernels.backward_step_(lib, vt, bt, g, 9, 10, 0.1 * 2.0**30, skip)
+        results.append((vt, bt))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -54,7 +54,9 @@ class Inversion:
     Forward: ``start(x0, v0)``; per block ``advance(n, f_n(position()))``; ``finish()`` gives
     the outputs, the tensors to save and a small picklable ``layout`` of them.  Backward:
     ``resume(saved, layout)``; per block from the top ``retreat()`` (gives ``x_n``) then
-    ``rebuild(n, g)`` with ``g = f_n(x_n)``; ``verify()`` at the end.
+    ``rebuild(n, g)`` with ``g = f_n(x_n)``, or ``rebuild(n, y, x_n)`` with the output ``y``
+    of a block with its own skip (``g = y - x_n``, taken in the same pass); ``verify()`` at
+    the end.
     """
 
     def __init__(self, rule: Rule, dtype: torch.dtype, depth: int) -> None:
@@ -78,7 +80,7 @@ class Inversion:
     def retreat(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def rebuild(self, n: int, g: torch.Tensor) -> None:
+    def rebuild(self, n: int, g: torch.Tensor, x: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 
     def rebuilds_in_place(self) -> bool:
@@ -144,10 +146,10 @@ class FloatInversion(Inversion):
     def retreat(self):
         return self.x.sub_(self.v)
 
-    def rebuild(self, n, g):
+    def rebuild(self, n, g, x=None):
         gamma = self.rule.gamma
-        if self.kernels is None or not _kernels.rule_rebuild_(self.kernels, self.v, g, gamma):
-            self.v.sub_(g, alpha=1 - gamma).div_(gamma)
+        if self.kernels is None or not _kernels.rule_rebuild_(self.kernels, self.v, g, gamma, x):
+            self.v.sub_(g if x is None else g - x, alpha=1 - gamma).div_(gamma)
 
     def verify(self):
         # Deviation of each moment relative to the state's size: sums against
@@ -270,10 +272,12 @@ class ExactInversion(Inversion):
                 _exact.retreat_chunk_(x, r, v, _exact.shaped(u, x), self.rule.frac_bits)
         return self.x
 
-    def rebuild(self, n, g):
+    def rebuild(self, n, g, x=None):
         rule, g = self.rule, g.to(self.dtype)
         if self.kernels is None or not _kernels.backward_step_(
-                self.kernels, self.V, self.buf, g, rule.num, rule.den, self.scale):
+                self.kernels, self.V, self.buf, g, rule.num, rule.den, self.scale, x):
+            if x is not None:
+                g = g - x
             b, t = _exact.scratch(self.x, self.rows)
             for v, buf, gc in _exact.chunks(self.rows, self.V, self.buf, g):
                 self.step(v, buf, gc, _exact.shaped(b, v), _exact.shaped(t, v), rule.num,
@@ -322,8 +326,8 @@ class LoggedInversion:
         self.log["forward"][n] = tuple(t.clone() for t in self.inner.state())
         self.inner.advance(n, g)
 
-    def rebuild(self, n, g):
-        self.inner.rebuild(n, g)
+    def rebuild(self, n, g, x=None):
+        self.inner.rebuild(n, g, x)
         self.log["backward"][n] = tuple(t.clone() for t in self.inner.state())
 
 
@@ -498,22 +502,37 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
     b = a_x.clone() if a_v is None else a_v.add_(a_x)
     # One evaluation of the block, used for the gradient and to rebuild v_n: before the
     # block's backward where the rebuild needs no memory of its own, so that g is not held
-    # through it; else after, when the block's graph is gone.
+    # through it; else after, when the block's graph is gone.  A block with its own skip
+    # hands back its output y and its product without the skip's share: g = y - x is taken
+    # in the rebuild's pass, the skip's -b in the gradients' (``fused_grads``).
+    skip = None if replay.stage.residual else x
     early = state.rebuilds_in_place()
-    g, grad = replay.pull(block, x, b, 1 - gamma,
-                          use=(lambda g: state.rebuild(n, g)) if early else None)
-    if grad is None:
-        a_x = a_x if own_a_x else a_x.clone()
-    elif own_a_x:
-        a_x.add_(grad, alpha=1 - gamma)
-    elif _writable(grad, a_x, b):  # the same numbers as a_x.add_(grad, alpha=1 - gamma)
-        a_x = torch.add(a_x, grad, alpha=1 - gamma, out=grad)
-    else:
-        a_x = torch.add(a_x, grad, alpha=1 - gamma)
-    a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
+    g, grad = replay.pull(block, x, b, 1 - gamma, skip=False,
+                          use=(lambda y: state.rebuild(n, y, skip)) if early else None)
+    if not (own_a_x and fused_grads(a_x, b, grad, gamma, skip is None)):
+        if skip is not None:
+            grad = -b if grad is None else grad - b
+        if grad is None:
+            a_x = a_x if own_a_x else a_x.clone()
+        elif own_a_x:
+            a_x.add_(grad, alpha=1 - gamma)
+        elif _writable(grad, a_x, b):  # the same numbers as a_x.add_(grad, alpha=1 - gamma)
+            a_x = torch.add(a_x, grad, alpha=1 - gamma, out=grad)
+        else:
+            a_x = torch.add(a_x, grad, alpha=1 - gamma)
+        b.mul_(gamma)  # after pull: a gradient there may be b itself
     if g is not None:  # not rebuilt early
-        state.rebuild(n, g)
-    return a_x, a_v
+        state.rebuild(n, g, skip)
+    return a_x, b  # b is now dL/dv_n
+
+
+def fused_grads(a_x: torch.Tensor, b: torch.Tensor, grad: torch.Tensor | None, gamma: float,
+                residual: bool) -> bool:
+    """``a_x += (1-gamma) (grad - b)`` (``grad`` alone if ``residual``) and ``b *= gamma`` in
+    one pass of a C kernel, as the eager operations round them; ``False`` (nothing done)
+    where it cannot run."""
+    lib = None if grad is None else _kernels.kernels(a_x)
+    return lib is not None and _kernels.rule_grads_(lib, a_x, b, grad, gamma, residual)
 
 
 def _writable(grad: torch.Tensor, like: torch.Tensor, b: torch.Tensor) -> bool:
