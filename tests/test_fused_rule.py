@@ -108,3 +108,14 @@ def test_rebuilds_from_a_blocks_output_and_input_match_the_difference(dtype):
         assert _kernels.backward_step_(lib, vt, bt, g, 9, 10, 0.1 * 2.0**30, skip)
         results.append((vt, bt))
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_advance_from_a_blocks_output_matches_the_difference(dtype):
+    """Float mode's forward step given ``y`` at the position ``x`` itself: ``g = y - x``."""
+    gen, n, lib = torch.Generator().manual_seed(8), 100_003, library()
+    x, v, y = (values(n, dtype, gen) for _ in range(3))
+    want_x, want_v = x.clone(), v.clone()
+    assert _kernels.rule_advance_(lib, want_x, want_v, y - x, 0.9)
+    assert _kernels.rule_advance_(lib, x, v, y, 0.9, skip=True)
+    assert torch.equal(x, want_x) and torch.equal(v, want_v)

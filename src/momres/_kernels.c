@@ -240,6 +240,21 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
         PARALLEL(n, threads, rule_advance_##SUFFIX##_range(x, v, g, lo, hi, (T)gamma,     \
                                                            (T)alpha));                 \
     }                                                                                   \
+    /* The same given the output y of a block with its own skip, run at x: g = y - x. */  \
+    CLONES static void rule_advance_skip_##SUFFIX##_range(                              \
+        T *restrict x, T *restrict v, const T *restrict y, int64_t lo, int64_t hi,      \
+        T gamma, T alpha) {                                                             \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T w = FMA(y[j] - x[j], alpha, v[j] * gamma);                                \
+            v[j] = w;                                                                   \
+            x[j] += w;                                                                  \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_advance_skip_##SUFFIX(T *x, T *v, const T *y, int64_t n,            \
+                                           double gamma, double alpha, int threads) {  \
+        PARALLEL(n, threads, rule_advance_skip_##SUFFIX##_range(x, v, y, lo, hi,          \
+                                                                (T)gamma, (T)alpha));  \
+    }                                                                                   \
     /* Its inverse for v, in place: v <- (v - alpha*g) / gamma; with x (else NULL), g is  \
      * y - x, given y. */                                                               \
     CLONES static void rule_rebuild_##SUFFIX##_range(                                   \

@@ -53,6 +53,7 @@ FUNCTIONS = {
         "forward": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
         "step": [_ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
         "advance": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
+        "advance_skip": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
         "rebuild": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
         "grads": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
         "backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
@@ -254,11 +255,13 @@ def rule_step_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, y: torch.Tens
 
 
 def rule_advance_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                  gamma: float) -> bool:
-    """``v <- gamma*v + (1-gamma)*g; x <- x + v`` in place (``FloatInversion.advance``)."""
+                  gamma: float, skip: bool = False) -> bool:
+    """``v <- gamma*v + (1-gamma)*g; x <- x + v`` in place (``FloatInversion.advance``); with
+    ``skip``, ``g`` is the output ``y`` of a block run at ``x`` itself, and ``y - x`` is used
+    (taken before ``x`` moves)."""
     suffix = _floats(x, v, g)
     if suffix is not None:
-        getattr(lib, f"momres_rule_advance_{suffix}")(
+        getattr(lib, f"momres_rule_advance{'_skip' if skip else ''}_{suffix}")(
             x.data_ptr(), v.data_ptr(), g.data_ptr(), x.numel(), gamma, 1 - gamma,
             torch.get_num_threads())
     return suffix is not None

@@ -190,17 +190,19 @@ class Recorder:
         self.reads: dict[int, set[Key]] = {}  # audited blocks: what their graph reaches
         ctx.stage, ctx.device, ctx.autocast = stage, device, AutocastState.capture(device)
 
-    def __call__(self, n: int, x: torch.Tensor) -> torch.Tensor:
-        """``g = f_n(x)``, as the backward pass will recompute it."""
+    def __call__(self, n: int, x: torch.Tensor, skip: bool = True) -> torch.Tensor:
+        """``g = f_n(x)``, as the backward pass will recompute it; ``skip=False``: for a block
+        with its own skip connection, its output ``y``, whose ``y - x`` the caller takes in
+        its own pass."""
         f, version = self.stage.functions[n], x._version
         before = RngState.capture(self.device) if self.rng_now is None else self.rng_now
         # Without grad, attention would take fused kernels that the recompute (with grad)
         # cannot: both passes must compute the same numbers.
         with mha_fast_path_off():
             if self.stage.audit[n]:
-                g = self._audited(n, f, x)
+                g = self._audited(n, f, x, skip)
             else:
-                g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual)
+                g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual or not skip)
         if x._version != version:
             raise _modified_input(n, f)
         self.rng_now = RngState.capture(self.device)
@@ -208,7 +210,7 @@ class Recorder:
             self.rng[n] = before
         return g
 
-    def _audited(self, n: int, f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _audited(self, n: int, f: nn.Module, x: torch.Tensor, skip: bool) -> torch.Tensor:
         """``evaluate``, with grad on leaves of its own, recording in ``reads`` which of them
         the block's output reaches; refuses tensors requiring grad that it reaches besides."""
         stage = self.stage
@@ -238,7 +240,7 @@ class Recorder:
                 "block, pass it to the stage as an argument, or detach it."
             )
         y = y.detach()
-        return y if stage.residual else y - x
+        return y - x if skip and not stage.residual else y
 
     def save(self, ctx, state: list[torch.Tensor]) -> None:
         """Everything the backward needs goes through ``save_for_backward`` (and is counted)."""

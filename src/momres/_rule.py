@@ -51,8 +51,10 @@ class Rule:
 class Inversion:
     """How a stage's state ``(x, v)`` is held, advanced and rebuilt.
 
-    Forward: ``start(x0, v0)``; per block ``advance(n, f_n(position()))``; ``finish()`` gives
-    the outputs, the tensors to save and a small picklable ``layout`` of them.  Backward:
+    Forward: ``start(x0, v0)``; per block ``advance(n, f_n(position()))``, or ``advance(n, y,
+    x)`` with the output ``y`` of a block with its own skip run at ``x = position()`` (``g = y -
+    x``, taken in the same pass); ``finish()`` gives the outputs, the tensors to save and a
+    small picklable ``layout`` of them.  Backward:
     ``resume(saved, layout)``; per block from the top ``retreat()`` (gives ``x_n``) then
     ``rebuild(n, g)`` with ``g = f_n(x_n)``, or ``rebuild(n, y, x_n)`` with the output ``y``
     of a block with its own skip (``g = y - x_n``, taken in the same pass); ``verify()`` at
@@ -68,7 +70,7 @@ class Inversion:
     def position(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def advance(self, n: int, g: torch.Tensor) -> None:
+    def advance(self, n: int, g: torch.Tensor, x: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], object]:
@@ -124,12 +126,16 @@ class FloatInversion(Inversion):
     def position(self):
         return self.x
 
-    def advance(self, n, g):
+    def advance(self, n, g, x=None):
         gamma = self.rule.gamma
-        if self.kernels is None or not _kernels.rule_advance_(self.kernels, self.x, self.v, g,
-                                                               gamma):
-            self.v.mul_(gamma).add_(g, alpha=1 - gamma)
-            self.x.add_(self.v)
+        # The position is x itself: the kernel takes g = y - x before x moves.
+        if self.kernels is not None and (x is None or x is self.x) and _kernels.rule_advance_(
+                self.kernels, self.x, self.v, g, gamma, skip=x is not None):
+            return
+        if x is not None:
+            g = g - x
+        self.v.mul_(gamma).add_(g, alpha=1 - gamma)
+        self.x.add_(self.v)
 
     def finish(self):
         # v is saved as our own tensor and a copy is the output (usually dropped), so that
@@ -213,7 +219,9 @@ class ExactInversion(Inversion):
     def position(self):
         return self.X.to(self.dtype, copy=True)
 
-    def advance(self, n, g):
+    def advance(self, n, g, x=None):
+        if x is not None:
+            g = g - x
         if self.schedule[n]:  # stored as narrow as the segment's bound allows
             self.spilled.append(self.buf.to(self.buffer_dtypes[n - 1]))
             self.buf = torch.zeros_like(self.X)
@@ -322,9 +330,9 @@ class LoggedInversion:
     def __getattr__(self, name):  # every step but the two logged ones goes to ``inner``
         return getattr(self.inner, name)
 
-    def advance(self, n, g):
+    def advance(self, n, g, x=None):
         self.log["forward"][n] = tuple(t.clone() for t in self.inner.state())
-        self.inner.advance(n, g)
+        self.inner.advance(n, g, x)
 
     def rebuild(self, n, g, x=None):
         self.inner.rebuild(n, g, x)
@@ -460,8 +468,10 @@ class MomentumFunction(torch.autograd.Function):
         depth = len(stage.functions)
         state = rule.inversion(x0.dtype, depth)
         state.start(x0, v0)
+        skip = not stage.residual  # g = y - x, taken in the advance's pass
         for n in range(depth):
-            state.advance(n, run(n, state.position()))
+            x = state.position()
+            state.advance(n, run(n, x, skip=False), x if skip else None)
         x_out, v_out, saved, ctx.layout = state.finish()
         ctx.rule, ctx.dtype = rule, x0.dtype
         run.save(ctx, saved)
