@@ -119,3 +119,14 @@ def test_advance_from_a_blocks_output_matches_the_difference(dtype):
     assert _kernels.rule_advance_(lib, want_x, want_v, y - x, 0.9)
     assert _kernels.rule_advance_(lib, x, v, y, 0.9, skip=True)
     assert torch.equal(x, want_x) and torch.equal(v, want_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_forward_step_writes_the_next_input_as_the_conversion_would(dtype):
+    gen, n, lib = torch.Generator().manual_seed(9), 100_003, library()
+    x = torch.randn(n, generator=gen, dtype=torch.float64) * 2.0**20
+    v = torch.randint(-2**40, 2**40, (n,), generator=gen).double()
+    buf, g = torch.zeros(n, dtype=torch.float64), values(n, dtype, gen)
+    pos = torch.empty(n, dtype=dtype)
+    assert _kernels.forward_step_(lib, x, v, buf, g, 9, 10, 0.1 * 2.0**30, 2.0**-30, pos)
+    assert torch.equal(pos, x.to(dtype))

@@ -86,11 +86,13 @@ static inline void mul_frac(double *c, double *i, double num, double den, double
 
 /* Forward step (_exact.forward_step_): v <- v*num/den + round(scale*g); x <- x + v*unit.
  * x, v, buf: double; g: the activations' type G, the product scale*g rounded in G as torch
- * computes it.  SUFFIX names G. */
+ * computes it.  With pos (else NULL), the new x is also written there in G, rounded as
+ * torch's conversion rounds it: the next block's input.  SUFFIX names G. */
 #define FORWARD(SUFFIX, G)                                                              \
     CLONES static void forward_##SUFFIX##_range(                                        \
         double *restrict x, double *restrict v, double *restrict buf, const G *restrict g, \
-        int64_t lo, int64_t hi, double num, double den, double scale, double unit) {   \
+        G *restrict pos, int64_t lo, int64_t hi, double num, double den, double scale,   \
+        double unit) {                                                                  \
         double inv_num = 1.0 / num, inv_den = 1.0 / den;                               \
         G s = (G)scale;                                                                 \
         for (int64_t j = lo; j < hi; j++) {                                            \
@@ -100,13 +102,22 @@ static inline void mul_frac(double *c, double *i, double num, double den, double
             v[j] = c;                                                                   \
             buf[j] = i;                                                                 \
             x[j] += c * unit;                                                           \
+            if (pos)                                                                    \
+                pos[j] = (G)x[j];                                                       \
         }                                                                               \
     }                                                                                   \
     void momres_forward_##SUFFIX(double *x, double *v, double *buf, const G *g,        \
                                  int64_t n, int64_t num, int64_t den, double scale,    \
                                  double unit, int threads) {                           \
-        PARALLEL(n, threads, forward_##SUFFIX##_range(x, v, buf, g, lo, hi, (double)num, \
+        PARALLEL(n, threads, forward_##SUFFIX##_range(x, v, buf, g, 0, lo, hi, (double)num, \
                                                       (double)den, scale, unit));      \
+    }                                                                                   \
+    void momres_forward_pos_##SUFFIX(double *x, double *v, double *buf, const G *g,    \
+                                     G *pos, int64_t n, int64_t num, int64_t den,      \
+                                     double scale, double unit, int threads) {         \
+        PARALLEL(n, threads, forward_##SUFFIX##_range(x, v, buf, g, pos, lo, hi,         \
+                                                      (double)num, (double)den, scale, \
+                                                      unit));                          \
     }
 
 FORWARD(f32, float)

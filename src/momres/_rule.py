@@ -215,8 +215,13 @@ class ExactInversion(Inversion):
         self.gmax: list[torch.Tensor] = []
         self.kernels = None if fusing(self.X) else _kernels.kernels(self.X)
         self.step = fused(_exact.forward_step_, self.X)
+        # The next block's input, written by the forward kernel in its pass over X.
+        self.next: torch.Tensor | None = None
 
     def position(self):
+        if self.next is not None:
+            x, self.next = self.next, None
+            return x
         return self.X.to(self.dtype, copy=True)
 
     def advance(self, n, g, x=None):
@@ -228,9 +233,16 @@ class ExactInversion(Inversion):
         g = g.to(self.dtype)
         self.gmax.extend(_extremes(g))
         rule = self.rule
+        # Every block but the last is followed by position(): its input, x in the
+        # activations' dtype, is written in the same pass (a fresh tensor, as position's).
+        self.next, pos = None, None
+        if self.kernels is not None and n + 1 < self.depth and self.dtype in (torch.float32,
+                                                                              torch.float64):
+            pos = torch.empty_like(self.X, dtype=self.dtype)
         if self.kernels is not None and _kernels.forward_step_(
                 self.kernels, self.X, self.V, self.buf, g, rule.num, rule.den, self.scale,
-                self.unit):
+                self.unit, pos):
+            self.next = pos
             return
         if self.tmp is None:
             self.tmp = torch.empty_like(self.X)
