@@ -86,11 +86,13 @@ static inline void mul_frac(double *c, double *i, double num, double den, double
 
 /* Forward step (_exact.forward_step_): v <- v*num/den + round(scale*g); x <- x + v*unit.
  * x, v, buf: double; g: the activations' type G, the product scale*g rounded in G as torch
- * computes it.  SUFFIX names G. */
+ * computes it.  With pos (else NULL), the new x is also written there in G, rounded as
+ * torch's conversion rounds it: the next block's input.  SUFFIX names G. */
 #define FORWARD(SUFFIX, G)                                                              \
     CLONES static void forward_##SUFFIX##_range(                                        \
         double *restrict x, double *restrict v, double *restrict buf, const G *restrict g, \
-        int64_t lo, int64_t hi, double num, double den, double scale, double unit) {   \
+        G *restrict pos, int64_t lo, int64_t hi, double num, double den, double scale,   \
+        double unit) {                                                                  \
         double inv_num = 1.0 / num, inv_den = 1.0 / den;                               \
         G s = (G)scale;                                                                 \
         for (int64_t j = lo; j < hi; j++) {                                            \
@@ -100,29 +102,39 @@ static inline void mul_frac(double *c, double *i, double num, double den, double
             v[j] = c;                                                                   \
             buf[j] = i;                                                                 \
             x[j] += c * unit;                                                           \
+            if (pos)                                                                    \
+                pos[j] = (G)x[j];                                                       \
         }                                                                               \
     }                                                                                   \
     void momres_forward_##SUFFIX(double *x, double *v, double *buf, const G *g,        \
                                  int64_t n, int64_t num, int64_t den, double scale,    \
                                  double unit, int threads) {                           \
-        PARALLEL(n, threads, forward_##SUFFIX##_range(x, v, buf, g, lo, hi, (double)num, \
+        PARALLEL(n, threads, forward_##SUFFIX##_range(x, v, buf, g, 0, lo, hi, (double)num, \
                                                       (double)den, scale, unit));      \
+    }                                                                                   \
+    void momres_forward_pos_##SUFFIX(double *x, double *v, double *buf, const G *g,    \
+                                     G *pos, int64_t n, int64_t num, int64_t den,      \
+                                     double scale, double unit, int threads) {         \
+        PARALLEL(n, threads, forward_##SUFFIX##_range(x, v, buf, g, pos, lo, hi,         \
+                                                      (double)num, (double)den, scale, \
+                                                      unit));                          \
     }
 
 FORWARD(f32, float)
 FORWARD(f64, double)
 
 /* Backward step (_exact.backward_chunk_): v <- (v - round(scale*g)) * den/num, the buffer
- * giving back the bits, and stored again in its narrow type B. */
+ * giving back the bits, and stored again in its narrow type B.  With x (else NULL), g is
+ * y - x, the difference rounded in G as torch rounds it: a block with its own skip. */
 #define BACKWARD(SUFFIX, G, B)                                                          \
     CLONES static void backward_##SUFFIX##_range(                                       \
-        double *restrict v, B *restrict buf, const G *restrict g, int64_t lo, int64_t hi, \
-        double num, double den,                                                         \
-        double scale) {                                                                 \
+        double *restrict v, B *restrict buf, const G *restrict g, const G *restrict x,  \
+        int64_t lo, int64_t hi, double num, double den, double scale) {                \
         double inv_num = 1.0 / num, inv_den = 1.0 / den;                               \
         G s = (G)scale;                                                                 \
         for (int64_t j = lo; j < hi; j++) {                                            \
-            double c = v[j] - rint((double)(G)(g[j] * s)), i = (double)buf[j];          \
+            G gj = x ? (G)(g[j] - x[j]) : g[j];                                         \
+            double c = v[j] - rint((double)(G)(gj * s)), i = (double)buf[j];            \
             mul_frac(&c, &i, den, num, inv_den, inv_num);                               \
             v[j] = c;                                                                   \
             buf[j] = (B)i;                                                              \
@@ -130,7 +142,13 @@ FORWARD(f64, double)
     }                                                                                   \
     void momres_backward_##SUFFIX(double *v, B *buf, const G *g, int64_t n, int64_t num, \
                                   int64_t den, double scale, int threads) {            \
-        PARALLEL(n, threads, backward_##SUFFIX##_range(v, buf, g, lo, hi, (double)num,  \
+        PARALLEL(n, threads, backward_##SUFFIX##_range(v, buf, g, 0, lo, hi, (double)num, \
+                                                       (double)den, scale));           \
+    }                                                                                   \
+    void momres_backward_skip_##SUFFIX(double *v, B *buf, const G *y, const G *x,        \
+                                       int64_t n, int64_t num, int64_t den, double scale, \
+                                       int threads) {                                  \
+        PARALLEL(n, threads, backward_##SUFFIX##_range(v, buf, y, x, lo, hi, (double)num, \
                                                        (double)den, scale));           \
     }
 
@@ -200,6 +218,24 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
         PARALLEL(n, threads, rule_forward_##SUFFIX##_range(x, v, y, xo, vo, lo, hi,      \
                                                            (T)gamma, (T)alpha, residual)); \
     }                                                                                   \
+    /* The same with v' written over v (a velocity of the rule's own): x + v' is the one   \
+     * new tensor. */                                                                   \
+    CLONES static void rule_step_##SUFFIX##_range(                                      \
+        const T *restrict x, T *restrict v, const T *restrict y, T *restrict xo,         \
+        int64_t lo, int64_t hi, T gamma, T alpha, int residual) {                      \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T g = residual ? y[j] : y[j] - x[j];                                        \
+            T w = FMA(g, alpha, v[j] * gamma);                                          \
+            v[j] = w;                                                                   \
+            xo[j] = x[j] + w;                                                           \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_step_##SUFFIX(const T *x, T *v, const T *y, T *xo, int64_t n,       \
+                                   double gamma, double alpha, int residual,           \
+                                   int threads) {                                      \
+        PARALLEL(n, threads, rule_step_##SUFFIX##_range(x, v, y, xo, lo, hi, (T)gamma,    \
+                                                        (T)alpha, residual));          \
+    }                                                                                   \
     /* The same in place, g given: v <- gamma*v + alpha*g; x <- x + v. */                \
     CLONES static void rule_advance_##SUFFIX##_range(                                   \
         T *restrict x, T *restrict v, const T *restrict g, int64_t lo, int64_t hi,      \
@@ -215,16 +251,49 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
         PARALLEL(n, threads, rule_advance_##SUFFIX##_range(x, v, g, lo, hi, (T)gamma,     \
                                                            (T)alpha));                 \
     }                                                                                   \
-    /* Its inverse for v, in place: v <- (v - alpha*g) / gamma. */                       \
-    CLONES static void rule_rebuild_##SUFFIX##_range(                                   \
-        T *restrict v, const T *restrict g, int64_t lo, int64_t hi, T gamma, T alpha) { \
-        for (int64_t j = lo; j < hi; j++)                                              \
-            v[j] = FMA(g[j], -alpha, v[j]) / gamma;                                     \
+    /* The same given the output y of a block with its own skip, run at x: g = y - x. */  \
+    CLONES static void rule_advance_skip_##SUFFIX##_range(                              \
+        T *restrict x, T *restrict v, const T *restrict y, int64_t lo, int64_t hi,      \
+        T gamma, T alpha) {                                                             \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T w = FMA(y[j] - x[j], alpha, v[j] * gamma);                                \
+            v[j] = w;                                                                   \
+            x[j] += w;                                                                  \
+        }                                                                               \
     }                                                                                   \
-    void momres_rule_rebuild_##SUFFIX(T *v, const T *g, int64_t n, double gamma,         \
-                                      double alpha, int threads) {                     \
-        PARALLEL(n, threads, rule_rebuild_##SUFFIX##_range(v, g, lo, hi, (T)gamma,        \
+    void momres_rule_advance_skip_##SUFFIX(T *x, T *v, const T *y, int64_t n,            \
+                                           double gamma, double alpha, int threads) {  \
+        PARALLEL(n, threads, rule_advance_skip_##SUFFIX##_range(x, v, y, lo, hi,          \
+                                                                (T)gamma, (T)alpha));  \
+    }                                                                                   \
+    /* Its inverse for v, in place: v <- (v - alpha*g) / gamma; with x (else NULL), g is  \
+     * y - x, given y. */                                                               \
+    CLONES static void rule_rebuild_##SUFFIX##_range(                                   \
+        T *restrict v, const T *restrict g, const T *restrict x, int64_t lo, int64_t hi, \
+        T gamma, T alpha) {                                                             \
+        for (int64_t j = lo; j < hi; j++)                                              \
+            v[j] = FMA(x ? g[j] - x[j] : g[j], -alpha, v[j]) / gamma;                   \
+    }                                                                                   \
+    void momres_rule_rebuild_##SUFFIX(T *v, const T *g, const T *x, int64_t n,           \
+                                      double gamma, double alpha, int threads) {       \
+        PARALLEL(n, threads, rule_rebuild_##SUFFIX##_range(v, g, x, lo, hi, (T)gamma,     \
                                                            (T)alpha));                 \
+    }                                                                                   \
+    /* The memory-free backward's gradients after a block's vector-Jacobian product j,    \
+     * given b = dL/dx' + dL/dv': dL/dx <- dL/dx' + alpha*(j - b) (j alone for a residual   \
+     * branch), dL/dv = gamma*b written over b. */                                      \
+    CLONES static void rule_grads_##SUFFIX##_range(                                     \
+        T *restrict ax, T *restrict b, const T *restrict grad, int64_t lo, int64_t hi,  \
+        T gamma, T alpha, int residual) {                                              \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            ax[j] = FMA(residual ? grad[j] : grad[j] - b[j], alpha, ax[j]);             \
+            b[j] = b[j] * gamma;                                                        \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_grads_##SUFFIX(T *ax, T *b, const T *grad, int64_t n, double gamma, \
+                                    double alpha, int residual, int threads) {         \
+        PARALLEL(n, threads, rule_grads_##SUFFIX##_range(ax, b, grad, lo, hi, (T)gamma,   \
+                                                         (T)alpha, residual));         \
     }                                                                                   \
     /* RuleStep's backward: b = a_x + a_v; dy = alpha*b; dv = gamma*b; dx = a_x - dy (a   \
      * block with its own skip) or a_x itself (a residual branch: not written). */       \

@@ -43,14 +43,21 @@ _i64, _f64, _int, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c
 FUNCTIONS = {
     **{f"momres_forward_{g}": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f64, _f64, _int]
        for g in ("f32", "f64")},
+    **{f"momres_forward_pos_{g}": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f64, _f64,
+                                   _int] for g in ("f32", "f64")},
     **{f"momres_backward_{g}_{b}": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f64, _int]
+       for g in ("f32", "f64") for b in ("u8", "i16", "i32", "f64")},
+    **{f"momres_backward_skip_{g}_{b}": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f64, _int]
        for g in ("f32", "f64") for b in ("u8", "i16", "i32", "f64")},
     "momres_retreat_f32": [_ptr, _ptr, _ptr, _i64, _int, _int],
     "momres_retreat_f64": [_ptr, _ptr, _i64, _int, _int],
     **{f"momres_rule_{name}_{t}": arguments for t in ("f32", "f64") for name, arguments in {
         "forward": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
+        "step": [_ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
         "advance": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
-        "rebuild": [_ptr, _ptr, _i64, _f64, _f64, _int],
+        "advance_skip": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
+        "rebuild": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
+        "grads": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
         "backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
     }.items()},
 }
@@ -156,28 +163,48 @@ def supported(*tensors: torch.Tensor | None) -> bool:
 
 
 def forward_step_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, buf: torch.Tensor,
-                  g: torch.Tensor, num: int, den: int, scale: float, unit: float) -> bool:
+                  g: torch.Tensor, num: int, den: int, scale: float, unit: float,
+                  pos: torch.Tensor | None = None) -> bool:
     """``_exact.forward_step_`` in one pass, in place (``x``, ``v``, ``buf`` float64, ``g``
-    float32 or float64); ``False`` (nothing done) where the kernels cannot run on them."""
-    if not (supported(x, v, buf, g) and x.dtype == v.dtype == buf.dtype == torch.float64
-            and g.is_floating_point()):
+    float32 or float64); with ``pos`` (of ``g``'s type), ``x.to(pos.dtype)`` is written there
+    in the same pass.  ``False`` (nothing done) where the kernels cannot run on them."""
+    if not (supported(x, v, buf, g, pos) and x.dtype == v.dtype == buf.dtype == torch.float64
+            and g.is_floating_point() and (pos is None or pos.dtype == g.dtype)):
         return False
-    getattr(lib, f"momres_forward_{SUFFIX[g.dtype]}")(
-        x.data_ptr(), v.data_ptr(), buf.data_ptr(), g.data_ptr(), x.numel(), num, den, scale,
-        unit, torch.get_num_threads())
+    if pos is None:
+        getattr(lib, f"momres_forward_{SUFFIX[g.dtype]}")(
+            x.data_ptr(), v.data_ptr(), buf.data_ptr(), g.data_ptr(), x.numel(), num, den,
+            scale, unit, torch.get_num_threads())
+    else:
+        getattr(lib, f"momres_forward_pos_{SUFFIX[g.dtype]}")(
+            x.data_ptr(), v.data_ptr(), buf.data_ptr(), g.data_ptr(), pos.data_ptr(),
+            x.numel(), num, den, scale, unit, torch.get_num_threads())
     return True
 
 
 def backward_step_(lib: ctypes.CDLL, v: torch.Tensor, buf: torch.Tensor, g: torch.Tensor,
-                   num: int, den: int, scale: float) -> bool:
+                   num: int, den: int, scale: float, x: torch.Tensor | None = None) -> bool:
     """``_exact.backward_chunk_`` in one pass over whole tensors, in place (``v`` float64,
-    ``buf`` in its stored type, ``g`` float32 or float64); ``False`` where it cannot run."""
-    if not (supported(v, buf, g) and v.dtype == torch.float64 and g.is_floating_point()):
+    ``buf`` in its stored type, ``g`` float32 or float64); with ``x`` (of ``g``'s type),
+    ``g - x`` in place of ``g``, rounded as torch rounds it.  ``False`` where it cannot run."""
+    if not (supported(v, buf, g, x) and v.dtype == torch.float64 and g.is_floating_point()
+            and (x is None or x.dtype == g.dtype)):
         return False
-    getattr(lib, f"momres_backward_{SUFFIX[g.dtype]}_{SUFFIX[buf.dtype]}")(
-        v.data_ptr(), buf.data_ptr(), g.data_ptr(), v.numel(), num, den, scale,
-        torch.get_num_threads())
+    types = f"{SUFFIX[g.dtype]}_{SUFFIX[buf.dtype]}"
+    if x is None:
+        getattr(lib, f"momres_backward_{types}")(
+            v.data_ptr(), buf.data_ptr(), g.data_ptr(), v.numel(), num, den, scale,
+            torch.get_num_threads())
+    else:
+        getattr(lib, f"momres_backward_skip_{types}")(
+            v.data_ptr(), buf.data_ptr(), g.data_ptr(), x.data_ptr(), v.numel(), num, den,
+            scale, torch.get_num_threads())
     return True
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    """``t``'s data pointer, ``None`` (NULL) for an absent tensor."""
+    return None if t is None else t.data_ptr()
 
 
 def retreat_(lib: ctypes.CDLL, x: torch.Tensor, remainder: torch.Tensor | None,
@@ -223,24 +250,62 @@ def rule_forward(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, y: torch.Te
     return x_out, v_out
 
 
+def rule_step_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, y: torch.Tensor,
+               gamma: float, residual: bool) -> torch.Tensor | None:
+    """``rule_forward`` with ``v'`` written over ``v``: gives ``x + v'`` (a new tensor)."""
+    suffix = _floats(x, v, y)
+    if suffix is None:
+        return None
+    x_out = torch.empty_like(x)
+    getattr(lib, f"momres_rule_step_{suffix}")(
+        x.data_ptr(), v.data_ptr(), y.data_ptr(), x_out.data_ptr(), x.numel(), gamma,
+        1 - gamma, residual, torch.get_num_threads())
+    return x_out
+
+
 def rule_advance_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                  gamma: float) -> bool:
-    """``v <- gamma*v + (1-gamma)*g; x <- x + v`` in place (``FloatInversion.advance``)."""
+                  gamma: float, skip: bool = False) -> bool:
+    """``v <- gamma*v + (1-gamma)*g; x <- x + v`` in place (``FloatInversion.advance``); with
+    ``skip``, ``g`` is the output ``y`` of a block run at ``x`` itself, and ``y - x`` is used
+    (taken before ``x`` moves)."""
     suffix = _floats(x, v, g)
     if suffix is not None:
-        getattr(lib, f"momres_rule_advance_{suffix}")(
+        getattr(lib, f"momres_rule_advance{'_skip' if skip else ''}_{suffix}")(
             x.data_ptr(), v.data_ptr(), g.data_ptr(), x.numel(), gamma, 1 - gamma,
             torch.get_num_threads())
     return suffix is not None
 
 
-def rule_rebuild_(lib: ctypes.CDLL, v: torch.Tensor, g: torch.Tensor, gamma: float) -> bool:
-    """``v <- (v - (1-gamma)*g) / gamma`` in place (``FloatInversion.rebuild``)."""
-    suffix = _floats(v, g)
+def rule_rebuild_(lib: ctypes.CDLL, v: torch.Tensor, g: torch.Tensor, gamma: float,
+                  x: torch.Tensor | None = None) -> bool:
+    """``v <- (v - (1-gamma)*g) / gamma`` in place (``FloatInversion.rebuild``); with ``x``,
+    ``g - x`` in place of ``g``."""
+    suffix = _floats(v, g, *([] if x is None else [x]))
     if suffix is not None:
         getattr(lib, f"momres_rule_rebuild_{suffix}")(
-            v.data_ptr(), g.data_ptr(), v.numel(), gamma, 1 - gamma, torch.get_num_threads())
+            v.data_ptr(), g.data_ptr(), _address(x), v.numel(), gamma, 1 - gamma,
+            torch.get_num_threads())
     return suffix is not None
+
+
+def rule_grads_(lib: ctypes.CDLL, a_x: torch.Tensor, b: torch.Tensor, grad: torch.Tensor,
+                gamma: float, residual: bool) -> bool:
+    """The memory-free backward's gradients after a block (``_rule.backward_step``), in
+    place: ``a_x += (1-gamma)*(grad - b)`` (``grad`` alone for a residual branch) and
+    ``b *= gamma``, as the eager operations round them.  ``grad`` must not share ``b``'s
+    memory (a block that returns its input hands the cotangent back as its gradient)."""
+    suffix = _floats(a_x, b, grad)
+    if suffix is None or _overlap(grad, b) or _overlap(grad, a_x) or _overlap(a_x, b):
+        return False
+    getattr(lib, f"momres_rule_grads_{suffix}")(
+        a_x.data_ptr(), b.data_ptr(), grad.data_ptr(), a_x.numel(), gamma, 1 - gamma,
+        residual, torch.get_num_threads())
+    return True
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two dense tensors (``supported``) share memory."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def rule_backward(lib: ctypes.CDLL, a_x: torch.Tensor, a_v: torch.Tensor, gamma: float,

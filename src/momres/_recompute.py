@@ -190,17 +190,19 @@ class Recorder:
         self.reads: dict[int, set[Key]] = {}  # audited blocks: what their graph reaches
         ctx.stage, ctx.device, ctx.autocast = stage, device, AutocastState.capture(device)
 
-    def __call__(self, n: int, x: torch.Tensor) -> torch.Tensor:
-        """``g = f_n(x)``, as the backward pass will recompute it."""
+    def __call__(self, n: int, x: torch.Tensor, skip: bool = True) -> torch.Tensor:
+        """``g = f_n(x)``, as the backward pass will recompute it; ``skip=False``: for a block
+        with its own skip connection, its output ``y``, whose ``y - x`` the caller takes in
+        its own pass."""
         f, version = self.stage.functions[n], x._version
         before = RngState.capture(self.device) if self.rng_now is None else self.rng_now
         # Without grad, attention would take fused kernels that the recompute (with grad)
         # cannot: both passes must compute the same numbers.
         with mha_fast_path_off():
             if self.stage.audit[n]:
-                g = self._audited(n, f, x)
+                g = self._audited(n, f, x, skip)
             else:
-                g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual)
+                g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual or not skip)
         if x._version != version:
             raise _modified_input(n, f)
         self.rng_now = RngState.capture(self.device)
@@ -208,7 +210,7 @@ class Recorder:
             self.rng[n] = before
         return g
 
-    def _audited(self, n: int, f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _audited(self, n: int, f: nn.Module, x: torch.Tensor, skip: bool) -> torch.Tensor:
         """``evaluate``, with grad on leaves of its own, recording in ``reads`` which of them
         the block's output reaches; refuses tensors requiring grad that it reaches besides."""
         stage = self.stage
@@ -238,7 +240,7 @@ class Recorder:
                 "block, pass it to the stage as an argument, or detach it."
             )
         y = y.detach()
-        return y if stage.residual else y - x
+        return y - x if skip and not stage.residual else y
 
     def save(self, ctx, state: list[torch.Tensor]) -> None:
         """Everything the backward needs goes through ``save_for_backward`` (and is counted)."""
@@ -297,7 +299,7 @@ class Replayer:
             )
 
     def pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float = 1.0,
-             use: Callable[[torch.Tensor], None] | None = None
+             use: Callable[[torch.Tensor], None] | None = None, skip: bool = True
              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Block ``n`` at ``x``, evaluated once: its value ``g`` and ``J_x^T cotangent``.
 
@@ -306,21 +308,27 @@ class Replayer:
         exists and is not kept (``None`` is returned in its place): the block's backward, where
         a memory-free step peaks, then runs without its output in memory (through the output's
         gradient edge), unless the graph itself keeps it.
+
+        ``skip=False``, for a block with its own skip connection (``residual=False``): ``g``
+        and its product are the block's output ``y`` and ``J_y^T cotangent``, without the
+        skip's ``- x`` and ``- cotangent``, which the caller takes in its own fused passes.
         """
         x = x.detach().requires_grad_()
+        skip = skip and not self.stage.residual
         if self.stage.sharded[n]:
-            g, grad = self._pull_sharded(n, x, cotangent, scale)
+            g, grad = self._pull_sharded(n, x, cotangent, scale, skip)
         else:
-            g, grad = self._pull(n, x, cotangent, scale, use)
+            g, grad = self._pull(n, x, cotangent, scale, use, skip)
         if use is not None and g is not None:  # not used yet
             use(g)
             g = None
         return g, grad
 
     def _pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float,
-              use: Callable[[torch.Tensor], None] | None
+              use: Callable[[torch.Tensor], None] | None, skip: bool
               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``pull`` for a block that is not sharded: ``g`` is ``None`` if ``use`` took it."""
+        """``pull`` for a block that is not sharded: ``g`` is ``None`` if ``use`` took it;
+        ``skip``: subtract the block's own skip connection."""
         f, indices = self.stage.functions[n], self.stage.block_params[n]
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
@@ -332,7 +340,7 @@ class Replayer:
         wrt = [x, *(self.leaves[j] for j in mine), *self.grad_args]
         # A block with its own skip: g = y - x, whose vector-Jacobian product is the block's
         # minus the cotangent.  Taken outside the graph: one node and two passes fewer.
-        g = y.detach() if self.stage.residual else y.detach() - x.detach()
+        g = y.detach() - x.detach() if skip else y.detach()
         if use is not None and y.grad_fn is not None:
             use(g)
             g, y = None, torch.autograd.graph.get_gradient_edge(y)
@@ -340,12 +348,12 @@ class Replayer:
         _accumulate(self.param_grads, mine, grads[1 : 1 + len(mine)], scale)
         _accumulate(self.arg_grads, range(len(self.grad_args)), grads[1 + len(mine) :], scale)
         grad = grads[0]
-        if not self.stage.residual:
+        if skip:
             grad = -cotangent if grad is None else grad - cotangent
         return g, grad
 
-    def _pull_sharded(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _pull_sharded(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float,
+                      skip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``pull`` for a block sharded by FSDP2 (``fully_shard(block)``).
 
         The block is called as such: its hooks all-gather its parameters, as they do for an
@@ -357,7 +365,7 @@ class Replayer:
             self.rng.get(n), self.device
         ), frozen_batchnorm(f):
             y = block_output(n, f, x, self.args, self.kwargs)
-            g = y if self.stage.residual else y - x
+            g = y - x if skip else y
         params = [p for p in f.parameters() if p.requires_grad]  # gathered, while backward runs
         hooks = [p.register_hook(lambda grad: grad * scale) for p in params if scale != 1]
         try:

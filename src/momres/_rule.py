@@ -51,10 +51,14 @@ class Rule:
 class Inversion:
     """How a stage's state ``(x, v)`` is held, advanced and rebuilt.
 
-    Forward: ``start(x0, v0)``; per block ``advance(n, f_n(position()))``; ``finish()`` gives
-    the outputs, the tensors to save and a small picklable ``layout`` of them.  Backward:
+    Forward: ``start(x0, v0)``; per block ``advance(n, f_n(position()))``, or ``advance(n, y,
+    x)`` with the output ``y`` of a block with its own skip run at ``x = position()`` (``g = y -
+    x``, taken in the same pass); ``finish()`` gives the outputs, the tensors to save and a
+    small picklable ``layout`` of them.  Backward:
     ``resume(saved, layout)``; per block from the top ``retreat()`` (gives ``x_n``) then
-    ``rebuild(n, g)`` with ``g = f_n(x_n)``; ``verify()`` at the end.
+    ``rebuild(n, g)`` with ``g = f_n(x_n)``, or ``rebuild(n, y, x_n)`` with the output ``y``
+    of a block with its own skip (``g = y - x_n``, taken in the same pass); ``verify()`` at
+    the end.
     """
 
     def __init__(self, rule: Rule, dtype: torch.dtype, depth: int) -> None:
@@ -66,7 +70,7 @@ class Inversion:
     def position(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def advance(self, n: int, g: torch.Tensor) -> None:
+    def advance(self, n: int, g: torch.Tensor, x: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], object]:
@@ -78,7 +82,7 @@ class Inversion:
     def retreat(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def rebuild(self, n: int, g: torch.Tensor) -> None:
+    def rebuild(self, n: int, g: torch.Tensor, x: torch.Tensor | None = None) -> None:
         raise NotImplementedError
 
     def rebuilds_in_place(self) -> bool:
@@ -122,12 +126,16 @@ class FloatInversion(Inversion):
     def position(self):
         return self.x
 
-    def advance(self, n, g):
+    def advance(self, n, g, x=None):
         gamma = self.rule.gamma
-        if self.kernels is None or not _kernels.rule_advance_(self.kernels, self.x, self.v, g,
-                                                               gamma):
-            self.v.mul_(gamma).add_(g, alpha=1 - gamma)
-            self.x.add_(self.v)
+        # The position is x itself: the kernel takes g = y - x before x moves.
+        if self.kernels is not None and (x is None or x is self.x) and _kernels.rule_advance_(
+                self.kernels, self.x, self.v, g, gamma, skip=x is not None):
+            return
+        if x is not None:
+            g = g - x
+        self.v.mul_(gamma).add_(g, alpha=1 - gamma)
+        self.x.add_(self.v)
 
     def finish(self):
         # v is saved as our own tensor and a copy is the output (usually dropped), so that
@@ -144,10 +152,10 @@ class FloatInversion(Inversion):
     def retreat(self):
         return self.x.sub_(self.v)
 
-    def rebuild(self, n, g):
+    def rebuild(self, n, g, x=None):
         gamma = self.rule.gamma
-        if self.kernels is None or not _kernels.rule_rebuild_(self.kernels, self.v, g, gamma):
-            self.v.sub_(g, alpha=1 - gamma).div_(gamma)
+        if self.kernels is None or not _kernels.rule_rebuild_(self.kernels, self.v, g, gamma, x):
+            self.v.sub_(g if x is None else g - x, alpha=1 - gamma).div_(gamma)
 
     def verify(self):
         # Deviation of each moment relative to the state's size: sums against
@@ -207,20 +215,34 @@ class ExactInversion(Inversion):
         self.gmax: list[torch.Tensor] = []
         self.kernels = None if fusing(self.X) else _kernels.kernels(self.X)
         self.step = fused(_exact.forward_step_, self.X)
+        # The next block's input, written by the forward kernel in its pass over X.
+        self.next: torch.Tensor | None = None
 
     def position(self):
+        if self.next is not None:
+            x, self.next = self.next, None
+            return x
         return self.X.to(self.dtype, copy=True)
 
-    def advance(self, n, g):
+    def advance(self, n, g, x=None):
+        if x is not None:
+            g = g - x
         if self.schedule[n]:  # stored as narrow as the segment's bound allows
             self.spilled.append(self.buf.to(self.buffer_dtypes[n - 1]))
             self.buf = torch.zeros_like(self.X)
         g = g.to(self.dtype)
         self.gmax.extend(_extremes(g))
         rule = self.rule
+        # Every block but the last is followed by position(): its input, x in the
+        # activations' dtype, is written in the same pass (a fresh tensor, as position's).
+        self.next, pos = None, None
+        if self.kernels is not None and n + 1 < self.depth and self.dtype in (torch.float32,
+                                                                              torch.float64):
+            pos = torch.empty_like(self.X, dtype=self.dtype)
         if self.kernels is not None and _kernels.forward_step_(
                 self.kernels, self.X, self.V, self.buf, g, rule.num, rule.den, self.scale,
-                self.unit):
+                self.unit, pos):
+            self.next = pos
             return
         if self.tmp is None:
             self.tmp = torch.empty_like(self.X)
@@ -270,10 +292,12 @@ class ExactInversion(Inversion):
                 _exact.retreat_chunk_(x, r, v, _exact.shaped(u, x), self.rule.frac_bits)
         return self.x
 
-    def rebuild(self, n, g):
+    def rebuild(self, n, g, x=None):
         rule, g = self.rule, g.to(self.dtype)
         if self.kernels is None or not _kernels.backward_step_(
-                self.kernels, self.V, self.buf, g, rule.num, rule.den, self.scale):
+                self.kernels, self.V, self.buf, g, rule.num, rule.den, self.scale, x):
+            if x is not None:
+                g = g - x
             b, t = _exact.scratch(self.x, self.rows)
             for v, buf, gc in _exact.chunks(self.rows, self.V, self.buf, g):
                 self.step(v, buf, gc, _exact.shaped(b, v), _exact.shaped(t, v), rule.num,
@@ -318,12 +342,12 @@ class LoggedInversion:
     def __getattr__(self, name):  # every step but the two logged ones goes to ``inner``
         return getattr(self.inner, name)
 
-    def advance(self, n, g):
+    def advance(self, n, g, x=None):
         self.log["forward"][n] = tuple(t.clone() for t in self.inner.state())
-        self.inner.advance(n, g)
+        self.inner.advance(n, g, x)
 
-    def rebuild(self, n, g):
-        self.inner.rebuild(n, g)
+    def rebuild(self, n, g, x=None):
+        self.inner.rebuild(n, g, x)
         self.log["backward"][n] = tuple(t.clone() for t in self.inner.state())
 
 
@@ -396,6 +420,11 @@ class RuleStep(torch.autograd.Function):
     ``(x, v, y) -> (x + v', v')`` with ``v' = gamma v + (1 - gamma) g``, where ``g = y`` for a
     residual branch and ``g = y - x`` for a block with its own skip connection.
 
+    With ``own_v``, ``v'`` is written over ``v`` (marked dirty): for a velocity that only the
+    rule itself holds, the previous step's ``v'``, which no node saves (this one's backward
+    needs none of its inputs) and no caller sees; the block's output is then one new tensor,
+    not two.  Autograd's version counters refuse the step if anything did save ``v``.
+
     The forward computes the same numbers as ``FloatInversion.advance`` (the same operations
     in the same order).  The backward is linear in the incoming gradients and written with
     differentiable operations, so it can itself be differentiated (double backward).  On the
@@ -405,15 +434,21 @@ class RuleStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, v: torch.Tensor, y: torch.Tensor, gamma: float,
-                residual: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                residual: bool, own_v: bool) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.gamma, ctx.residual = gamma, residual
         ctx.set_materialize_grads(False)
         lib = _kernels.kernels(x)
-        fused = None if lib is None else _kernels.rule_forward(lib, x, v, y, gamma, residual)
-        if fused is not None:
-            return fused
+        if own_v:
+            ctx.mark_dirty(v)
+            x_out = None if lib is None else _kernels.rule_step_(lib, x, v, y, gamma, residual)
+            if x_out is not None:
+                return x_out, v
+        elif lib is not None:
+            fused = _kernels.rule_forward(lib, x, v, y, gamma, residual)
+            if fused is not None:
+                return fused
         g = y if residual else y - x
-        v = torch.mul(v, gamma).add_(g, alpha=1 - gamma)
+        v = (v.mul_(gamma) if own_v else torch.mul(v, gamma)).add_(g, alpha=1 - gamma)
         return x + v, v
 
     @staticmethod
@@ -422,15 +457,15 @@ class RuleStep(torch.autograd.Function):
         # b = dL/dx' + dL/dv' is the gradient of v'; the rest is scaling.
         b = a_v if a_x is None else a_x if a_v is None else a_x + a_v
         if b is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         lib = _kernels.kernels(b) if a_x is not None and a_v is not None else None
         if lib is not None and not torch.is_grad_enabled():  # else: double backward
             fused = _kernels.rule_backward(lib, a_x, a_v, gamma, ctx.residual)
             if fused is not None:
-                return *fused, None, None
+                return *fused, None, None, None
         grad_y = b * (1 - gamma)
         grad_x = a_x if ctx.residual else (-grad_y if a_x is None else a_x - grad_y)
-        return grad_x, b * gamma, grad_y, None, None
+        return grad_x, b * gamma, grad_y, None, None, None
 
 
 class MomentumFunction(torch.autograd.Function):
@@ -445,8 +480,10 @@ class MomentumFunction(torch.autograd.Function):
         depth = len(stage.functions)
         state = rule.inversion(x0.dtype, depth)
         state.start(x0, v0)
+        skip = not stage.residual  # g = y - x, taken in the advance's pass
         for n in range(depth):
-            state.advance(n, run(n, state.position()))
+            x = state.position()
+            state.advance(n, run(n, x, skip=False), x if skip else None)
         x_out, v_out, saved, ctx.layout = state.finish()
         ctx.rule, ctx.dtype = rule, x0.dtype
         run.save(ctx, saved)
@@ -487,22 +524,37 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
     b = a_x.clone() if a_v is None else a_v.add_(a_x)
     # One evaluation of the block, used for the gradient and to rebuild v_n: before the
     # block's backward where the rebuild needs no memory of its own, so that g is not held
-    # through it; else after, when the block's graph is gone.
+    # through it; else after, when the block's graph is gone.  A block with its own skip
+    # hands back its output y and its product without the skip's share: g = y - x is taken
+    # in the rebuild's pass, the skip's -b in the gradients' (``fused_grads``).
+    skip = None if replay.stage.residual else x
     early = state.rebuilds_in_place()
-    g, grad = replay.pull(block, x, b, 1 - gamma,
-                          use=(lambda g: state.rebuild(n, g)) if early else None)
-    if grad is None:
-        a_x = a_x if own_a_x else a_x.clone()
-    elif own_a_x:
-        a_x.add_(grad, alpha=1 - gamma)
-    elif _writable(grad, a_x, b):  # the same numbers as a_x.add_(grad, alpha=1 - gamma)
-        a_x = torch.add(a_x, grad, alpha=1 - gamma, out=grad)
-    else:
-        a_x = torch.add(a_x, grad, alpha=1 - gamma)
-    a_v = b.mul_(gamma)  # after pull: a gradient there may be b itself
+    g, grad = replay.pull(block, x, b, 1 - gamma, skip=False,
+                          use=(lambda y: state.rebuild(n, y, skip)) if early else None)
+    if not (own_a_x and fused_grads(a_x, b, grad, gamma, skip is None)):
+        if skip is not None:
+            grad = -b if grad is None else grad - b
+        if grad is None:
+            a_x = a_x if own_a_x else a_x.clone()
+        elif own_a_x:
+            a_x.add_(grad, alpha=1 - gamma)
+        elif _writable(grad, a_x, b):  # the same numbers as a_x.add_(grad, alpha=1 - gamma)
+            a_x = torch.add(a_x, grad, alpha=1 - gamma, out=grad)
+        else:
+            a_x = torch.add(a_x, grad, alpha=1 - gamma)
+        b.mul_(gamma)  # after pull: a gradient there may be b itself
     if g is not None:  # not rebuilt early
-        state.rebuild(n, g)
-    return a_x, a_v
+        state.rebuild(n, g, skip)
+    return a_x, b  # b is now dL/dv_n
+
+
+def fused_grads(a_x: torch.Tensor, b: torch.Tensor, grad: torch.Tensor | None, gamma: float,
+                residual: bool) -> bool:
+    """``a_x += (1-gamma) (grad - b)`` (``grad`` alone if ``residual``) and ``b *= gamma`` in
+    one pass of a C kernel, as the eager operations round them; ``False`` (nothing done)
+    where it cannot run."""
+    lib = None if grad is None else _kernels.kernels(a_x)
+    return lib is not None and _kernels.rule_grads_(lib, a_x, b, grad, gamma, residual)
 
 
 def _writable(grad: torch.Tensor, like: torch.Tensor, b: torch.Tensor) -> bool:

@@ -314,10 +314,13 @@ def momentum_rule(
     """``(x_N, v_N)``: the rule itself over ``functions`` from ``(x, v)``, differentiated (if
     at all) by plain autograd.  ``MomentumNet(memory_efficient=False)`` runs this."""
     kwargs = kwargs or {}
+    # After the first block, v is the rule's own and is updated in place; torch.jit.trace
+    # cannot record a Function that changes its input.
+    in_place = not torch.jit.is_tracing()
     for n, f in enumerate(functions):
         # The block's own output, then the rule's update as one graph node (``RuleStep``).
         y = evaluate(n, f, x, args, kwargs, residual=True)
-        x, v = RuleStep.apply(x, v, y, gamma, residual)
+        x, v = RuleStep.apply(x, v, y, gamma, residual, in_place and n > 0)
     return x, v
 
 
