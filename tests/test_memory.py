@@ -138,14 +138,14 @@ def test_working_set_of_the_memory_free_backward():
 def test_keep_freed_memory_reuses_freed_blocks_instead_of_faulting_new_pages():
     """In a fresh process under glibc's own defaults, a freed 64 MiB tensor leaves the process
     (its pages are unmapped); after ``keep_freed_memory`` it stays and the next one reuses it
-    (after a warm-up: the first block freed may be split by small allocations)."""
+    (after a warm-up: the first blocks freed may be split by small allocations)."""
     code = """
 import sys, torch, momres.memory as m
 kept = m.keep_freed_memory() if sys.argv[-1] == "keep" else False
 def resident():
     status = open('/proc/self/status').read().split('VmRSS:')[1]
     return int(status.split()[0]) * 1024
-for _ in range(2):  # a warm-up step, then the step measured: 64 MiB touched and freed
+for _ in range(4):  # warm-up steps, then the one measured: 64 MiB touched and freed
     t = torch.ones(2**24); del t
 after_free = resident()
 t = torch.ones(2**24)
