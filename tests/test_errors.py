@@ -28,11 +28,15 @@ def test_gamma_zero_memory_free_names_the_remedy():
     momres.MomentumNet(blocks(), 0.0, memory_efficient=False)  # accepted
 
 
-@pytest.mark.parametrize("memory_efficient", [True, False])
-def test_block_changing_shape_names_block_and_shapes(memory_efficient):
-    net = momres.MomentumNet([nn.Linear(4, 4), nn.Linear(4, 5)], 0.9,
-                             memory_efficient=memory_efficient)
-    with pytest.raises(ValueError, match=r"block 1 \(Linear\).*\(2, 4\) to \(2, 5\)"):
+@pytest.mark.parametrize("strategy", ["exact", "autograd", "checkpoint",
+                                      momres.Strategy("exact", keep_last=1),
+                                      momres.Strategy("checkpoint", segment=2),
+                                      momres.Strategy("checkpoint", keep_last=1, segment=2)])
+def test_block_changing_shape_names_block_and_shapes(strategy):
+    """The block named is the stage's, however the strategy splits the stage into runs."""
+    net = momres.MomentumNet([*blocks(3), nn.Linear(4, 5)], 0.9)
+    net.strategy = strategy
+    with pytest.raises(ValueError, match=r"block 3 \(Linear\).*\(2, 4\) to \(2, 5\)"):
         net(torch.randn(2, 4, requires_grad=True))
 
 

@@ -206,7 +206,7 @@ class MomentumNet(nn.Module):
                 f"momres: init_velocity maps x of shape {tuple(x.shape)} to {tuple(v.shape)}; "
                 "the initial velocity must have the shape of x."
             )
-        functions, gamma = list(self.functions), self.gamma
+        functions, split = list(self.functions), 0
         if torch.is_grad_enabled() and (self.memory_efficient or self.checkpoint_blocks):
             # The first blocks are recomputed in the backward pass, the last keep_last stored.
             split = len(functions) - min(self.keep_last, len(functions))
@@ -214,8 +214,8 @@ class MomentumNet(nn.Module):
                 x, v = self._memory_free(functions[:split], x, v, args, kwargs)
             elif split:
                 x, v = self._checkpointed(functions[:split], x, v, args, kwargs)
-            functions = functions[split:]
-        x, v = momentum_rule(functions, gamma, x, v, args, kwargs, self.residual)
+        x, v = momentum_rule(functions[split:], self.gamma, x, v, args, kwargs, self.residual,
+                             first=split)
         return (x, v) if return_velocity else x
 
     def _checkpointed(self, functions: list[nn.Module], x: torch.Tensor, v: torch.Tensor,
@@ -232,7 +232,7 @@ class MomentumNet(nn.Module):
                                     self.residual, layers=norms)
             else:
                 x, v = checkpointed(momentum_rule, None, run, self.gamma, x, v, args, kwargs,
-                                    self.residual, layers=norms)
+                                    self.residual, start, layers=norms)
         return x, v
 
     # torch.compile must not trace into the memory-free Function: its exact arithmetic needs
@@ -309,17 +309,18 @@ def _relative_change(old: float, new: float) -> float:
 
 def momentum_rule(
     functions: list[nn.Module], gamma: float, x: torch.Tensor, v: torch.Tensor,
-    args: tuple = (), kwargs: dict | None = None, residual: bool = True,
+    args: tuple = (), kwargs: dict | None = None, residual: bool = True, first: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_N, v_N)``: the rule itself over ``functions`` from ``(x, v)``, differentiated (if
-    at all) by plain autograd.  ``MomentumNet(memory_efficient=False)`` runs this."""
+    at all) by plain autograd.  ``MomentumNet(memory_efficient=False)`` runs this.  ``first``:
+    the stage's index of ``functions[0]``, for the errors that name a block."""
     kwargs = kwargs or {}
     # After the first block, v is the rule's own and is updated in place; torch.jit.trace
     # cannot record a Function that changes its input.
     in_place = not torch.jit.is_tracing()
     for n, f in enumerate(functions):
         # The block's own output, then the rule's update as one graph node (``RuleStep``).
-        y = evaluate(n, f, x, args, kwargs, residual=True)
+        y = evaluate(first + n, f, x, args, kwargs, residual=True)
         x, v = RuleStep.apply(x, v, y, gamma, residual, in_place and n > 0)
     return x, v
 
