@@ -82,3 +82,21 @@ def test_bench_whole_model_quick(tmp_path):
     budgets = [r for r in results[0]["records"] if r["system"].startswith("momres-budget")]
     assert budgets and all(r["predicted_peak"] <= r["budget"] for r in budgets)
     assert (tmp_path / "whole_model_curve.png").stat().st_size > 0
+
+
+def test_gpu_check_script_runs_at_toy_sizes(tmp_path):
+    """The device check prepared for a lent GPU, on the CPU, so that it does not rot unseen."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick", "--out",
+                    str(tmp_path)], check=True, capture_output=True, text=True)
+    records = json.loads((tmp_path / "gpu_check.json").read_text())["records"]
+    small = {(r["config"], r["system"]) for r in records if r["part"] == "small"}
+    assert {("demo", "exact"), ("resnet110", "autograd"), ("demo", "exact fused")} <= small
+    whole = [r for r in records if r["part"] == "whole-model"]
+    assert {r["system"] for r in whole} >= {"plain", "checkpoint", "momres-checkpoint-segments"}
+    plain = next(r for r in whole if r["system"] == "plain")
+    assert plain["peak_ratio"] == 1.0 and plain["peak_bytes"] > 0
