@@ -1,12 +1,16 @@
-"""Helpers shared by the tests: one fixed loss, its gradients, how far two sets differ, and a
-block whose recompute differentiates another graph."""
+"""Helpers shared by the tests: one fixed loss, its gradients, how far two sets differ, a
+block whose recompute differentiates another graph, and the C kernels built into a cache of the
+test session's own."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import pytest
 import torch
 from torch import nn
+
+from momres import _kernels
 
 
 def fixed_loss(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -51,3 +55,18 @@ class DetachesOnItsSecondCall(nn.Linear):
     def forward(self, x):
         self.calls += 1
         return torch.tanh(super().forward(x.detach() if self.calls == 2 else x))
+
+
+@pytest.fixture
+def private_kernel_cache(tmp_path_factory, monkeypatch):
+    """The C kernels built into (or reused from) one cache of this test session's own, and on
+    whatever ``MOMRES_KERNELS`` says outside; modules that test the kernels use it autouse."""
+    monkeypatch.setenv("MOMRES_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernels"))
+    monkeypatch.delenv("MOMRES_KERNELS", raising=False)
+
+
+def kernel_library():
+    """The loaded C kernels (the test fails if they cannot be built)."""
+    lib = _kernels.kernels(torch.zeros(1))
+    assert lib is not None
+    return lib

@@ -12,20 +12,12 @@ import momres
 from momres import _kernels
 from momres._rule import RuleStep
 
-pytestmark = pytest.mark.skipif(shutil.which(_kernels.compiler()) is None,
-                                reason="no C compiler: the fused kernels cannot be built")
+from helpers import kernel_library, private_kernel_cache  # noqa: F401 (a fixture)
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOMRES_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernels"))
-    monkeypatch.delenv("MOMRES_KERNELS", raising=False)
-
-
-def library():
-    lib = _kernels.kernels(torch.zeros(1))
-    assert lib is not None
-    return lib
+# Every test builds into (or reuses) one cache of this session's own.
+pytestmark = [pytest.mark.skipif(shutil.which(_kernels.compiler()) is None,
+                                 reason="no C compiler: the fused kernels cannot be built"),
+              pytest.mark.usefixtures("private_kernel_cache")]
 
 
 def values(n, dtype, generator):
@@ -44,7 +36,7 @@ def test_rule_step_kernel_matches_the_eager_operations(dtype, residual):
     x, v, y = (values(n, dtype, gen) for _ in range(3))
     g = y if residual else y - x
     v_new = torch.mul(v, 0.9).add_(g, alpha=1 - 0.9)
-    x_new = _kernels.rule_step_(library(), x, v, y, 0.9, residual)
+    x_new = _kernels.rule_step_(kernel_library(), x, v, y, 0.9, residual)
     assert torch.equal(v, v_new) and torch.equal(x_new, x + v_new)
 
 
@@ -82,19 +74,19 @@ def test_backward_gradient_kernel_matches_the_eager_operations(dtype, residual):
     a_x, b, grad = (values(n, dtype, gen) for _ in range(3))
     want_x = a_x.clone().add_(grad if residual else grad - b, alpha=1 - gamma)
     want_v = b * gamma
-    assert _kernels.rule_grads_(library(), a_x, b, grad, gamma, residual)
+    assert _kernels.rule_grads_(kernel_library(), a_x, b, grad, gamma, residual)
     assert torch.equal(a_x, want_x) and torch.equal(b, want_v)
 
 
 def test_backward_gradient_kernel_refuses_a_gradient_sharing_the_cotangent():
     b = torch.randn(10)
-    assert not _kernels.rule_grads_(library(), torch.randn(10), b, b, 0.9, True)
+    assert not _kernels.rule_grads_(kernel_library(), torch.randn(10), b, b, 0.9, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rebuilds_from_a_blocks_output_and_input_match_the_difference(dtype):
     """``g = y - x`` taken in the rebuild's pass: float mode's kernel and the exact one."""
-    gen, n, lib = torch.Generator().manual_seed(7), 100_003, library()
+    gen, n, lib = torch.Generator().manual_seed(7), 100_003, kernel_library()
     v, y, x = (values(n, dtype, gen) for _ in range(3))
     want, got = v.clone(), v.clone()
     assert _kernels.rule_rebuild_(lib, want, y - x, 0.9)
@@ -113,7 +105,7 @@ def test_rebuilds_from_a_blocks_output_and_input_match_the_difference(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_advance_from_a_blocks_output_matches_the_difference(dtype):
     """Float mode's forward step given ``y`` at the position ``x`` itself: ``g = y - x``."""
-    gen, n, lib = torch.Generator().manual_seed(8), 100_003, library()
+    gen, n, lib = torch.Generator().manual_seed(8), 100_003, kernel_library()
     x, v, y = (values(n, dtype, gen) for _ in range(3))
     want_x, want_v = x.clone(), v.clone()
     assert _kernels.rule_advance_(lib, want_x, want_v, y - x, 0.9)
@@ -123,7 +115,7 @@ def test_advance_from_a_blocks_output_matches_the_difference(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_exact_forward_step_writes_the_next_input_as_the_conversion_would(dtype):
-    gen, n, lib = torch.Generator().manual_seed(9), 100_003, library()
+    gen, n, lib = torch.Generator().manual_seed(9), 100_003, kernel_library()
     x = torch.randn(n, generator=gen, dtype=torch.float64) * 2.0**20
     v = torch.randint(-2**40, 2**40, (n,), generator=gen).double()
     buf, g = torch.zeros(n, dtype=torch.float64), values(n, dtype, gen)

@@ -14,25 +14,16 @@ from torch import nn
 import momres
 from momres import _exact, _kernels
 
-pytestmark = pytest.mark.skipif(shutil.which(_kernels.compiler()) is None,
-                                reason="no C compiler: the fused kernels cannot be built")
+from helpers import kernel_library, private_kernel_cache  # noqa: F401 (a fixture)
+
+# Every test builds into (or reuses) one cache of this session's own.
+pytestmark = [pytest.mark.skipif(shutil.which(_kernels.compiler()) is None,
+                                 reason="no C compiler: the fused kernels cannot be built"),
+              pytest.mark.usefixtures("private_kernel_cache")]
 
 #: gamma = num/den: common, tiny, near one, coprime odd, the largest denominator.
 FRACTIONS = [(9, 10), (1, 20), (65535, 65536), (3, 7), (1, 65536), (1234, 4321)]
 BUFFERS = [torch.uint8, torch.int16, torch.int32, torch.float64]
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory, monkeypatch):
-    """Every test builds into (or reuses) one cache of this session's own."""
-    monkeypatch.setenv("MOMRES_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernels"))
-    monkeypatch.delenv("MOMRES_KERNELS", raising=False)
-
-
-def library():
-    lib = _kernels.kernels(torch.zeros(1))
-    assert lib is not None
-    return lib
 
 
 def integers(n, magnitude, generator, nonnegative=False):
@@ -69,7 +60,7 @@ def test_forward_step_matches_eager(dtype, num, den):
     ex, ev, ebuf = x.clone(), v.clone(), buf.clone()
     ev, ebuf, _ = _exact.forward_step_(ex, ev, ebuf, torch.empty_like(x), g, num, den, scale,
                                        unit)
-    _kernels.forward_step_(library(), x, v, buf, g, num, den, scale, unit)
+    _kernels.forward_step_(kernel_library(), x, v, buf, g, num, den, scale, unit)
     assert torch.equal(x, ex) and torch.equal(v, ev) and torch.equal(buf, ebuf)
 
 
@@ -87,7 +78,7 @@ def test_backward_step_matches_eager(dtype, buffer, num, den):
     ev, ebuf = v.clone(), buf.clone()
     _exact.backward_chunk_(ev, ebuf, g, torch.empty_like(v), torch.empty_like(v), num, den,
                            scale)
-    _kernels.backward_step_(library(), v, buf, g, num, den, scale)
+    _kernels.backward_step_(kernel_library(), v, buf, g, num, den, scale)
     assert torch.equal(v, ev) and torch.equal(buf, ebuf)
 
 
@@ -104,7 +95,7 @@ def test_retreat_matches_eager(dtype):
         ex.sub_(v, alpha=2.0**-k)
     else:
         _exact.retreat_chunk_(ex, er, v, torch.empty_like(v), k)
-    _kernels.retreat_(library(), x, remainder, v, k)
+    _kernels.retreat_(kernel_library(), x, remainder, v, k)
     assert torch.equal(x, ex)
     assert remainder is None or torch.equal(remainder, er)
 
@@ -126,7 +117,7 @@ def stage_gradients(monkeypatch, kernels, dtype=torch.float32, channels_last=Fal
 def test_threads_split_the_work_without_changing_it():
     """Each element's arithmetic is its own: any number of threads gives the same integers."""
     gen = torch.Generator().manual_seed(2)
-    n, lib = 200_003, library()
+    n, lib = 200_003, kernel_library()
     v = integers(n, 2.0**45, gen)
     buf = integers(n, 2.0**31 - 1, gen, nonnegative=True).to(torch.int32)
     g = activations(n, torch.float32, gen)
@@ -230,7 +221,7 @@ def test_the_cache_is_reused_in_a_new_process(tmp_path):
 def test_rule_kernels_match_the_eager_operations(dtype, residual, gamma):
     """The floating-point rule's kernels give torch's numbers bit for bit (an odd length, so
     that a vectorised body and its scalar tail are both checked)."""
-    gen, lib, n = torch.Generator().manual_seed(3), library(), 100_003
+    gen, lib, n = torch.Generator().manual_seed(3), kernel_library(), 100_003
     x, v, y, a_x, a_v = (activations(n, dtype, gen) for _ in range(5))
     g = y if residual else y - x
     v_new = torch.mul(v, gamma).add_(g, alpha=1 - gamma)
@@ -252,7 +243,7 @@ def test_rule_kernels_match_the_eager_operations(dtype, residual, gamma):
 
 
 def test_rule_kernels_refuse_mixed_or_strided_tensors():
-    lib, x = library(), torch.randn(8, 6)
+    lib, x = kernel_library(), torch.randn(8, 6)
     assert _kernels.rule_forward(lib, x, x.double(), x, 0.9, True) is None
     assert _kernels.rule_backward(lib, x.t(), x.t().contiguous(), 0.9, True) is None
     assert not _kernels.rule_advance_(lib, x.half(), x.half(), x.half(), 0.9)
