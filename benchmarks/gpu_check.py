@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -41,7 +40,8 @@ from momres.cli.peaks import Model, build
 from momres.convert import momentum_stages
 from momres.models import create_model
 from momres.momentum import Strategy
-from momres.timing import interleaved, median_ratio
+from momres.plan import sqrt_segment
+from momres.timing import interleaved, median_ratio, step_time
 
 WHOLE = [Model("resnet", "resnet50", 16, 224), Model("resnet", "resnet101", 16, 224),
          Model("resnet", "resnet152", 16, 224), Model("vit", "vit_b_16", 8, 224),
@@ -75,20 +75,20 @@ def whole_model(model: Model, device: torch.device, rounds: int) -> list[dict]:
     for mode in ("exact", "float", "checkpoint-segments"):
         net = model.momentum()
         for stage in momentum_stages(net).values():
-            n = len(stage.momentum.functions)
-            stage.strategy = (Strategy("checkpoint", segment=math.ceil(math.sqrt(n)))
+            segment = sqrt_segment(len(stage.momentum.functions))
+            stage.strategy = (Strategy("checkpoint", segment=segment)
                               if mode == "checkpoint-segments" else Strategy(mode))
             stage.checkpoint = True
         nets[f"momres-{mode}"] = net
-    steps = {}
-    for name, net in nets.items():
+    for net in nets.values():
         net.to(device)
-        steps[name] = (lambda net=net: net(x).float().square().mean().backward())
+    # The step of ``momres bench --whole-model``: forward, a squared mean, backward.
+    steps = {name: (lambda net=net: step_time(net, x)) for name, net in nets.items()}
     peaks = {}
     for name, step in steps.items():
         step()  # warm-up: kernels chosen, gradients allocated
         peaks[name] = memory.peak_bytes(step, device)
-    times = interleaved({name: timed(step, device) for name, step in steps.items()}, rounds)
+    times = interleaved(steps, rounds)
     records = []
     for name in steps:
         records.append({"part": "whole-model", "model": model.label(), "system": name,
@@ -130,6 +130,7 @@ def small_tensors(config: str, device: torch.device, rounds: int, quick: bool) -
     for mode, options in MOMENTUM.items():
         net = make(f"mresnet{depth}", **options)
         steps[mode] = (lambda net=net: step(net))
+    fuse = os.environ.get("MOMRES_FUSE")
     os.environ["MOMRES_FUSE"] = "1"  # the same two modes with the arithmetic compiled
     try:
         for mode in ("exact", "float"):
@@ -142,7 +143,10 @@ def small_tensors(config: str, device: torch.device, rounds: int, quick: bool) -
             steps[f"{mode} fused"] = (lambda net=net: step(net))
         times = interleaved({k: timed(s, device) for k, s in steps.items()}, rounds)
     finally:
-        del os.environ["MOMRES_FUSE"]
+        if fuse is None:
+            del os.environ["MOMRES_FUSE"]
+        else:
+            os.environ["MOMRES_FUSE"] = fuse
     records = []
     for name, t in times.items():
         records.append({"part": "small", "config": config, "system": name,

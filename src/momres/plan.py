@@ -184,6 +184,13 @@ class GapOption:
     extra_flops: float
 
 
+def sqrt_segment(blocks: int) -> int:
+    """ceil(sqrt(blocks)): the segment the planner checkpoints ``blocks`` momentum blocks in,
+    as ``torch.utils.checkpoint_sequential`` over sqrt(n) segments stores about as many states
+    as it recomputes blocks at once."""
+    return math.isqrt(blocks - 1) + 1
+
+
 @dataclass
 class StageMeasure:
     """What the traces and the FLOP count say about one stage."""
@@ -196,10 +203,8 @@ class StageMeasure:
 
     @property
     def segment(self) -> int:
-        """Blocks per segment of the segmented checkpoint the planner traces and offers:
-        ceil(sqrt(n)) of n momentum blocks, as ``torch.utils.checkpoint_sequential`` over
-        sqrt(n) segments would store about as many states as it recomputes blocks at once."""
-        return math.isqrt(len(self.stage.momentum.functions) - 1) + 1
+        """Blocks per segment of the segmented checkpoint the planner traces and offers."""
+        return sqrt_segment(len(self.stage.momentum.functions))
 
 
 @dataclass
