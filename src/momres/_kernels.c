@@ -313,6 +313,48 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
                                        int threads) {                                  \
         PARALLEL(n, threads, rule_backward_##SUFFIX##_range(ax, av, dx, dv, dy, lo, hi,  \
                                                             (T)gamma, (T)alpha, residual)); \
+    }                                                                                   \
+    /* A block ending in relu(r + x), given its branch r: the block's own add and ReLU     \
+     * taken in the rule's pass (y = relu(r + x) as torch rounds it, NaN and -0 kept; g =   \
+     * y - x), and m = (r + x > 0), where ReLU passes gradients, written for the backward.  \
+     * vo may be v itself (a velocity of the rule's own). */                             \
+    CLONES static void rule_tail_##SUFFIX##_range(                                      \
+        const T *restrict x, const T *v, const T *restrict r, T *restrict xo, T *vo,     \
+        uint8_t *restrict m, int64_t lo, int64_t hi, T gamma, T alpha) {                \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T s = r[j] + x[j];                                                          \
+            T w = FMA((s < 0 ? (T)0 : s) - x[j], alpha, v[j] * gamma);                  \
+            m[j] = s > 0;                                                               \
+            vo[j] = w;                                                                  \
+            xo[j] = x[j] + w;                                                           \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_tail_##SUFFIX(const T *x, const T *v, const T *r, T *xo, T *vo,     \
+                                   uint8_t *m, int64_t n, double gamma, double alpha,  \
+                                   int threads) {                                      \
+        PARALLEL(n, threads, rule_tail_##SUFFIX##_range(x, v, r, xo, vo, m, lo, hi,      \
+                                                        (T)gamma, (T)alpha));          \
+    }                                                                                   \
+    /* Its backward: b = a_x + a_v; d = alpha*b; dv = gamma*b; through the ReLU where m,   \
+     * dr = d and dx = a_x (the skip's share and the rule's cancel), elsewhere dr = 0 and   \
+     * dx = a_x - d.  Either of a_x and a_v may be NULL: no gradient, zero. */            \
+    CLONES static void rule_tail_backward_##SUFFIX##_range(                             \
+        const T *restrict ax, const T *restrict av, const uint8_t *restrict m,          \
+        T *restrict dx, T *restrict dv, T *restrict dr, int64_t lo, int64_t hi, T gamma, \
+        T alpha) {                                                                      \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T a = ax ? ax[j] : (T)0, b = !av ? a : !ax ? av[j] : a + av[j], d = b * alpha; \
+            dv[j] = b * gamma;                                                          \
+            dr[j] = m[j] ? d : (T)0;                                                    \
+            dx[j] = m[j] ? a : a - d;                                                   \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_tail_backward_##SUFFIX(const T *ax, const T *av, const uint8_t *m,  \
+                                            T *dx, T *dv, T *dr, int64_t n, double gamma, \
+                                            double alpha, int threads) {               \
+        PARALLEL(n, threads, rule_tail_backward_##SUFFIX##_range(ax, av, m, dx, dv, dr,  \
+                                                                 lo, hi, (T)gamma,     \
+                                                                 (T)alpha));           \
     }
 
 RULE(f32, float, fmaf)

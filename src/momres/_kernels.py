@@ -59,6 +59,8 @@ FUNCTIONS = {
         "rebuild": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
         "grads": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
         "backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
+        "tail": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
+        "tail_backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
     }.items()},
 }
 
@@ -321,3 +323,34 @@ def rule_backward(lib: ctypes.CDLL, a_x: torch.Tensor, a_v: torch.Tensor, gamma:
         a_x.data_ptr(), a_v.data_ptr(), d_x.data_ptr(), d_v.data_ptr(), d_y.data_ptr(),
         a_x.numel(), gamma, 1 - gamma, residual, torch.get_num_threads())
     return d_x, d_v, d_y
+
+
+def rule_tail(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, r: torch.Tensor,
+              gamma: float, own_v: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``rule_forward`` for a block ending in ``relu(r + x)``, given its branch ``r``: ``(x +
+    v', v', r + x > 0)``, with ``v'`` written over ``v`` if ``own_v``."""
+    suffix = _floats(x, v, r)
+    if suffix is None:
+        return None
+    x_out, v_out = torch.empty_like(x), v if own_v else torch.empty_like(v)
+    mask = torch.empty_like(x, dtype=torch.bool)
+    getattr(lib, f"momres_rule_tail_{suffix}")(
+        x.data_ptr(), v.data_ptr(), r.data_ptr(), x_out.data_ptr(), v_out.data_ptr(),
+        mask.data_ptr(), x.numel(), gamma, 1 - gamma, torch.get_num_threads())
+    return x_out, v_out, mask
+
+
+def rule_tail_backward(lib: ctypes.CDLL, a_x: torch.Tensor | None, a_v: torch.Tensor | None,
+                       mask: torch.Tensor, gamma: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``rule_tail``'s gradients ``(dL/dx, dL/dv, dL/dr)`` from those of its outputs (at
+    least one given; ``None``: zero)."""
+    given = [t for t in (a_x, a_v) if t is not None]
+    suffix = _floats(*given)
+    if suffix is None or mask.stride() != given[0].stride():
+        return None
+    d_x, d_v, d_r = (torch.empty_like(given[0]) for _ in range(3))
+    getattr(lib, f"momres_rule_tail_backward_{suffix}")(
+        _address(a_x), _address(a_v), mask.data_ptr(), d_x.data_ptr(), d_v.data_ptr(),
+        d_r.data_ptr(), d_x.numel(), gamma, 1 - gamma, torch.get_num_threads())
+    return d_x, d_v, d_r
