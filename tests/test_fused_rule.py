@@ -54,7 +54,7 @@ def test_autograd_with_the_velocity_updated_in_place_matches_fresh_tensors(monke
     def fresh(x):
         v = torch.zeros_like(x)
         for f in blocks:
-            x, v = RuleStep.apply(x, v, f(x), net.gamma, False, False)
+            x, v = RuleStep.apply(x, v, f(x), net.gamma, False, False, False)
         return x, v
 
     results = []

@@ -83,6 +83,12 @@ def block_output(
         finally:
             for slots, name, t in originals:
                 slots[name] = t
+    return shape_checked(n, f, x, y)
+
+
+def shape_checked(n: int, f: Callable, x: torch.Tensor, y: object) -> torch.Tensor:
+    """``y``, the output of block ``n`` at ``x`` (or its branch), if a tensor of ``x``'s shape;
+    else an error that says what to do."""
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ValueError(

@@ -425,6 +425,12 @@ class RuleStep(torch.autograd.Function):
     needs none of its inputs) and no caller sees; the block's output is then one new tensor,
     not two.  Autograd's version counters refuse the step if anything did save ``v``.
 
+    With ``tail``, the block ends in ``relu(r + x)`` (``_tail``) and ``y`` is its branch ``r``:
+    the block's own add and ReLU are taken here, ``g = relu(r + x) - x``.  The node then saves
+    where the ReLU passes gradients (one byte per element) where the ReLU would have saved its
+    output, and its backward hands ``dL/dr`` to the branch and ``dL/dx`` with the skip's share
+    already summed: two passes forward and two backward fewer than the block's own.
+
     The forward computes the same numbers as ``FloatInversion.advance`` (the same operations
     in the same order).  The backward is linear in the incoming gradients and written with
     differentiable operations, so it can itself be differentiated (double backward).  On the
@@ -434,13 +440,22 @@ class RuleStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, v: torch.Tensor, y: torch.Tensor, gamma: float,
-                residual: bool, own_v: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.gamma, ctx.residual = gamma, residual
+                residual: bool, own_v: bool, tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.gamma, ctx.residual, ctx.tail = gamma, residual, tail
         ctx.set_materialize_grads(False)
         lib = _kernels.kernels(x)
         if own_v:
             ctx.mark_dirty(v)
-            x_out = None if lib is None else _kernels.rule_step_(lib, x, v, y, gamma, residual)
+        if tail:
+            fused = None if lib is None else _kernels.rule_tail(lib, x, v, y, gamma, own_v)
+            if fused is not None:
+                ctx.save_for_backward(fused[2])
+                return fused[:2]
+            s = y + x  # the block's own `out += identity; relu(out)`
+            ctx.save_for_backward(s > 0)
+            y = s.relu_()
+        elif own_v and lib is not None:
+            x_out = _kernels.rule_step_(lib, x, v, y, gamma, residual)
             if x_out is not None:
                 return x_out, v
         elif lib is not None:
@@ -453,19 +468,25 @@ class RuleStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, a_x: torch.Tensor | None, a_v: torch.Tensor | None):
-        gamma = ctx.gamma
+        gamma, none = ctx.gamma, (None,) * 4
+        mask = ctx.saved_tensors[0] if ctx.tail else None
         # b = dL/dx' + dL/dv' is the gradient of v'; the rest is scaling.
         b = a_v if a_x is None else a_x if a_v is None else a_x + a_v
         if b is None:
-            return None, None, None, None, None, None
-        lib = _kernels.kernels(b) if a_x is not None and a_v is not None else None
+            return None, None, None, *none
+        lib = _kernels.kernels(b) if ctx.tail or (a_x is not None and a_v is not None) else None
         if lib is not None and not torch.is_grad_enabled():  # else: double backward
-            fused = _kernels.rule_backward(lib, a_x, a_v, gamma, ctx.residual)
+            fused = (_kernels.rule_tail_backward(lib, a_x, a_v, mask, gamma) if ctx.tail else
+                     _kernels.rule_backward(lib, a_x, a_v, gamma, ctx.residual))
             if fused is not None:
-                return *fused, None, None, None
+                return *fused, *none
         grad_y = b * (1 - gamma)
+        if ctx.tail:  # through the ReLU where it passes: the rule's -grad_y and the skip's cancel
+            a_x = torch.zeros_like(b) if a_x is None else a_x
+            return (torch.where(mask, a_x, a_x - grad_y), b * gamma,
+                    torch.where(mask, grad_y, 0), *none)
         grad_x = a_x if ctx.residual else (-grad_y if a_x is None else a_x - grad_y)
-        return grad_x, b * gamma, grad_y, None, None, None
+        return grad_x, b * gamma, grad_y, *none
 
 
 class MomentumFunction(torch.autograd.Function):

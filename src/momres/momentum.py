@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _exact
-from ._recompute import build_stage, evaluate
+from . import _exact, _tail
+from ._recompute import build_stage, evaluate, shape_checked
 from ._replay import checkpointed
 from ._rule import MomentumFunction, Rule, RuleStep
 
@@ -319,9 +319,14 @@ def momentum_rule(
     # cannot record a Function that changes its input.
     in_place = not torch.jit.is_tracing()
     for n, f in enumerate(functions):
-        # The block's own output, then the rule's update as one graph node (``RuleStep``).
-        y = evaluate(first + n, f, x, args, kwargs, residual=True)
-        x, v = RuleStep.apply(x, v, y, gamma, residual, in_place and n > 0)
+        # The block's own output, then the rule's update as one graph node (``RuleStep``);
+        # for a block ending in relu(r + x), its branch r, and the add and ReLU in that node.
+        tail = None if residual else _tail.branch(f, args, kwargs)
+        if tail is None:
+            y = evaluate(first + n, f, x, args, kwargs, residual=True)
+        else:
+            y = shape_checked(first + n, f, x, tail(f, x))
+        x, v = RuleStep.apply(x, v, y, gamma, residual, in_place and n > 0, tail is not None)
     return x, v
 
 

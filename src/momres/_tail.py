@@ -1,0 +1,59 @@
+"""Blocks that end in ``relu(branch(x) + x)``: the rule's pass takes over those two operations.
+
+torchvision's ``BasicBlock`` and ``Bottleneck`` without a downsample compute ``y = relu(r + x)``
+with ``r`` their branch.  Under the momentum rule, ``g = y - x`` then costs, beside the rule's own
+pass, the block's add and ReLU forward, ReLU's mask and the sum of the skip's gradient with the
+branch's backward, and one stored tensor (ReLU's output).  ``RuleStep(tail=True)`` takes ``r``
+instead and does the add and the ReLU in its own pass; its backward hands the branch ``dL/dr``
+and ``x`` its whole gradient.  The function computed is the block's, operation for operation.
+
+The block is then run in two parts, its submodules called directly; so only where that cannot
+differ from calling it: exactly torchvision's ``forward`` (a subclass that keeps it too), no
+downsample, no arguments, and no hooks on the block or its ReLU (which ``forward`` calls twice
+and the branch once) nor global module hooks, which would see one call fewer.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+
+def _basic(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return f.bn2(f.conv2(f.relu(f.bn1(f.conv1(x)))))
+
+
+def _bottleneck(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = f.relu(f.bn2(f.conv2(f.relu(f.bn1(f.conv1(x))))))
+    return f.bn3(f.conv3(out))
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def branch(f: nn.Module, args: tuple, kwargs: dict
+           ) -> Callable[[nn.Module, torch.Tensor], torch.Tensor] | None:
+    """The branch ``r`` of block ``f`` if ``f(x, *args, **kwargs)`` is ``relu(r(f, x) + x)``
+    and may be run that way (module docstring); ``None`` otherwise."""
+    resnet = sys.modules.get("torchvision.models.resnet")
+    if resnet is None or args or kwargs:
+        return None
+    forward = type(f).forward
+    split = (_basic if forward is resnet.BasicBlock.forward else
+             _bottleneck if forward is resnet.Bottleneck.forward else None)
+    if (split is None or f.downsample is not None or "forward" in f.__dict__
+            or type(f.relu) is not nn.ReLU or "forward" in f.relu.__dict__
+            or _hooked(f) or _hooked(f.relu)
+            or any(getattr(_module, name, None) for name in _GLOBAL_HOOKS)):
+        return None
+    return split

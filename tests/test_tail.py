@@ -1,0 +1,208 @@
+"""The ReLU tail (``_tail``): a torchvision block's own add and ReLU taken in the rule's pass
+under plain autograd.  The kernels give the eager operations' numbers bit for bit, the step
+differentiates what it computes (gradcheck, double backward), a stage of such blocks gives the
+rule written out with the blocks called whole, and blocks that could see the split (hooks,
+their own ``forward``, a downsample, arguments) are run whole."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as torch_module
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+import momres
+from momres import _kernels, _tail
+from momres._rule import RuleStep
+
+from helpers import kernel_library, output_and_gradients, private_kernel_cache  # noqa: F401
+
+needs_compiler = pytest.mark.skipif(shutil.which(_kernels.compiler()) is None,
+                                    reason="no C compiler: the fused kernels cannot be built")
+GAMMA = 0.9
+# The kernels, where built, come from a cache of this session's own.
+pytestmark = pytest.mark.usefixtures("private_kernel_cache")
+
+
+def values(n, dtype, generator):
+    """Spread magnitudes, with both zeros and NaN at the front."""
+    t = torch.randn(n, generator=generator, dtype=torch.float64)
+    t *= 10.0 ** torch.randint(-6, 3, (n,), generator=generator)
+    t[:4] = torch.tensor([0.0, -0.0, 0.5, float("nan")])
+    return t.to(dtype)
+
+
+def bits(t):
+    """The tensor's bit patterns: tells -0 from 0 and compares NaN."""
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+def eager_tail(x, v, r):
+    """The block's ``out += identity; relu(out)``, then the rule: what the kernel replaces."""
+    s = r + x
+    v_new = torch.mul(v, GAMMA).add_(torch.relu(s) - x, alpha=1 - GAMMA)
+    return x + v_new, v_new, s > 0
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("own_v", [False, True])
+def test_tail_kernel_matches_the_eager_operations(dtype, own_v):
+    gen, n = torch.Generator().manual_seed(11), 100_003
+    x, v, r = (values(n, dtype, gen) for _ in range(3))
+    r[4:6] = -x[4:6]  # r + x == 0 exactly: the ReLU's kink, where no gradient passes
+    want = eager_tail(x, v, r)
+    v_in = v.clone()
+    x_out, v_out, mask = _kernels.rule_tail(kernel_library(), x, v_in, r, GAMMA, own_v)
+    assert (v_out.data_ptr() == v_in.data_ptr()) == own_v
+    assert torch.equal(bits(x_out), bits(want[0])) and torch.equal(bits(v_out), bits(want[1]))
+    assert torch.equal(mask, want[2]) and not mask[4:6].any()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("given", ["both", "x", "v"])
+def test_tail_backward_kernel_matches_the_eager_formulas(dtype, given):
+    gen, n = torch.Generator().manual_seed(12), 100_003
+    a_x, a_v = (values(n, dtype, gen) if given in (name, "both") else None for name in "xv")
+    mask = torch.rand(n, generator=gen) < 0.5
+    zero = torch.zeros(n, dtype=dtype)
+    ax, av = (zero if a is None else a for a in (a_x, a_v))
+    b = ax + av if given == "both" else ax if given == "x" else av
+    d = b * (1 - GAMMA)
+    want = torch.where(mask, ax, ax - d), b * GAMMA, torch.where(mask, d, 0)
+    got = _kernels.rule_tail_backward(kernel_library(), a_x, a_v, mask, GAMMA)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(bits(g), bits(w))
+
+
+@pytest.mark.parametrize("kernels", [
+pytest.param("1", marks=needs_compiler), "0"])
+def test_tail_step_differentiates_what_it_computes(monkeypatch, kernels):
+    """gradcheck (the kernel's backward when built) and gradgradcheck (double backward runs
+    the eager formulas) in float64, with gradients into both outputs and into one."""
+    monkeypatch.setenv("MOMRES_KERNELS", kernels)
+    gen = torch.Generator().manual_seed(13)
+    x, v, r = (torch.randn(3, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+
+    def both(x, v, r):
+        return RuleStep.apply(x, v, r, GAMMA, False, False, True)
+
+    assert torch.autograd.gradcheck(both, (x, v, r))
+    assert torch.autograd.gradcheck(lambda *a: both(*a)[0], (x, v, r))
+    assert torch.autograd.gradcheck(lambda *a: both(*a)[1], (x, v, r))
+    assert torch.autograd.gradgradcheck(both, (x, v, r))
+    with torch.no_grad():  # the eager path's numbers
+        want = eager_tail(x, v, r)
+    got = both(x, v, r)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def written_out(blocks, x):
+    """The rule with each block called whole: ``v <- gamma v + (1-gamma)(f(x) - x)``."""
+    v = torch.zeros_like(x)
+    for f in blocks:
+        v = GAMMA * v + (1 - GAMMA) * (f(x) - x)
+        x = x + v
+    return x
+
+
+def stage_blocks(kind):
+    torch.manual_seed(0)
+    if kind == "basic":
+        return [BasicBlock(8, 8) for _ in range(3)]
+    return [Bottleneck(16, 4) for _ in range(3)]
+
+
+def randomise_batchnorm(blocks):
+    """Non-trivial affine parameters and running statistics: eval mode then means something."""
+    for m in nn.ModuleList(blocks).modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for t in (m.weight, m.bias, m.running_mean):
+                nn.init.normal_(t.data, 0.0, 0.5)
+            m.running_var.data.uniform_(0.5, 2.0)
+
+
+@pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stage_of_torchvision_blocks_matches_the_rule_written_out(kind, train, channels_last):
+    """Outputs, gradients and BatchNorm statistics (updated once per block) of the tailed
+    stage against the rule with the blocks called whole, float64."""
+    blocks = stage_blocks(kind)
+    randomise_batchnorm(blocks)
+    assert all(_tail.branch(f, (), {}) is not None for f in blocks)
+    reference = copy.deepcopy(blocks)
+    net = momres.MomentumNet(blocks, GAMMA, residual=False, memory_efficient=False)
+    for m in (net, *reference):
+        m.double().train(train)
+    x = torch.randn(4, blocks[0].conv1.in_channels, 6, 6, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        for m in (net, *reference):
+            m.to(memory_format=torch.channels_last)
+    out, grads = output_and_gradients(net, x)
+    ref_params = [p for f in reference for p in f.parameters()]
+    want, want_grads = output_and_gradients(lambda x: written_out(reference, x), x,
+                                            wrt=ref_params)
+    assert (out - want).abs().max() <= 1e-12 * want.abs().max()
+    for g, w in zip(grads, want_grads, strict=True):
+        assert (g - w).norm() <= 1e-10 * w.norm()
+    for a, b in zip(net.buffers(), nn.ModuleList(reference).buffers(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)  # num_batches_tracked: equal
+
+
+class OwnForward(BasicBlock):
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+class KeepsForward(BasicBlock):
+    """A subclass that changes nothing of the computation: still split."""
+
+
+class LoudReLU(nn.ReLU):
+    pass
+
+
+def _global_hook():
+    handle = torch_module.register_module_forward_hook(lambda *a: None)
+    return handle
+
+
+@pytest.mark.parametrize("case", ["block hook", "relu pre-hook", "backward hook", "downsample",
+                                  "own forward", "instance forward", "relu subclass",
+                                  "global hook", "arguments"])
+def test_blocks_that_could_see_the_split_are_run_whole(case):
+    calls = []
+    f = OwnForward(8, 8) if case == "own forward" else BasicBlock(8, 8)
+    args, handle = (), None
+    if case == "block hook":
+        f.register_forward_hook(lambda *a: calls.append("block"))
+    elif case == "relu pre-hook":
+        f.relu.register_forward_pre_hook(lambda *a: calls.append("relu"))
+    elif case == "backward hook":
+        f.register_full_backward_hook(lambda *a: None)
+    elif case == "downsample":
+        f.downsample = nn.Identity()
+    elif case == "instance forward":
+        f.forward = lambda x: BasicBlock.forward(f, x)
+    elif case == "relu subclass":
+        f.relu = LoudReLU(inplace=True)
+    elif case == "global hook":
+        handle = _global_hook()
+    elif case == "arguments":
+        args = (1,)
+    try:
+        assert _tail.branch(f, args, {}) is None
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert _tail.branch(KeepsForward(8, 8), (), {}) is not None
+    if case in ("block hook", "relu pre-hook"):  # hooks see the calls the block makes
+        net = momres.MomentumNet([f, f], GAMMA, residual=False, memory_efficient=False)
+        net(torch.randn(2, 8, 4, 4))
+        assert len(calls) == 2 * (2 if case == "relu pre-hook" else 1)
