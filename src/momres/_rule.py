@@ -469,17 +469,18 @@ class RuleStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, a_x: torch.Tensor | None, a_v: torch.Tensor | None):
         gamma, none = ctx.gamma, (None,) * 4
-        mask = ctx.saved_tensors[0] if ctx.tail else None
-        # b = dL/dx' + dL/dv' is the gradient of v'; the rest is scaling.
-        b = a_v if a_x is None else a_x if a_v is None else a_x + a_v
-        if b is None:
+        if a_x is None and a_v is None:
             return None, None, None, *none
-        lib = _kernels.kernels(b) if ctx.tail or (a_x is not None and a_v is not None) else None
+        mask = ctx.saved_tensors[0] if ctx.tail else None
+        given = a_x if a_x is not None else a_v
+        lib = _kernels.kernels(given) if ctx.tail or (a_x is not None and a_v is not None) else None
         if lib is not None and not torch.is_grad_enabled():  # else: double backward
             fused = (_kernels.rule_tail_backward(lib, a_x, a_v, mask, gamma) if ctx.tail else
                      _kernels.rule_backward(lib, a_x, a_v, gamma, ctx.residual))
             if fused is not None:
                 return *fused, *none
+        # b = dL/dx' + dL/dv' is the gradient of v'; the rest is scaling.
+        b = a_v if a_x is None else a_x if a_v is None else a_x + a_v
         grad_y = b * (1 - gamma)
         if ctx.tail:  # through the ReLU where it passes: the rule's -grad_y and the skip's cancel
             a_x = torch.zeros_like(b) if a_x is None else a_x
