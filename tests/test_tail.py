@@ -206,3 +206,21 @@ def test_blocks_that_could_see_the_split_are_run_whole(case):
         net = momres.MomentumNet([f, f], GAMMA, residual=False, memory_efficient=False)
         net(torch.randn(2, 8, 4, 4))
         assert len(calls) == 2 * (2 if case == "relu pre-hook" else 1)
+
+
+@pytest.mark.parametrize("branch_dtype", [torch.bfloat16, torch.float64])
+def test_a_branch_of_another_type_is_added_as_the_block_adds_it(branch_dtype):
+    """``out += identity`` keeps the branch's type, then the rule promotes: the tailed step
+    (the eager path: the kernels need one type) rounds the same way, and gives each input its
+    gradient in its own type."""
+    gen = torch.Generator().manual_seed(14)
+    x, v = (torch.randn(2, 8, 5, 5, generator=gen, requires_grad=True) for _ in range(2))
+    r = torch.randn(2, 8, 5, 5, generator=gen).to(branch_dtype).requires_grad_()
+    out = r.detach().clone()
+    out += x.detach()
+    g = torch.relu(out) - x.detach()
+    want_v = torch.mul(v.detach(), GAMMA).add_(g, alpha=1 - GAMMA)
+    x_new, v_new = RuleStep.apply(x, v, r, GAMMA, False, False, True)
+    assert torch.equal(v_new, want_v) and torch.equal(x_new, x.detach() + want_v)
+    grads = torch.autograd.grad((x_new.sum() + v_new.square().sum()), (x, v, r))
+    assert [t.dtype for t in grads] == [torch.float32, torch.float32, branch_dtype]

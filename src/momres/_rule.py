@@ -451,7 +451,7 @@ class RuleStep(torch.autograd.Function):
             if fused is not None:
                 ctx.save_for_backward(fused[2])
                 return fused[:2]
-            s = y + x  # the block's own `out += identity; relu(out)`
+            s = torch.add(y, x).to(y.dtype)  # the block's `out += identity` (in out's type)
             ctx.save_for_backward(s > 0)
             y = s.relu_()
         elif own_v and lib is not None:
