@@ -298,3 +298,15 @@ def test_plan_checkpoints_the_stem_where_it_lowers_the_peak():
     again = measure(model, x).choose()
     assert [(g.gap, g.checkpoint) for g in again.parts] == [(g.gap, g.checkpoint)
                                                            for g in measured.choose().parts]
+
+
+def test_the_traces_see_blocks_run_as_they_run_unobserved():
+    """The planner marks block boundaries without hooks on the blocks, which would keep the
+    rule from taking a torchvision block's add and ReLU (``_tail``): its autograd trace peaks
+    where the model under autograd does."""
+    model = small_model("mresnet32").float()
+    x = torch.randn(8, 3, 16, 16)
+    measured = measure(model, x)
+    assert not momres.momentum.BLOCK_OBSERVERS  # removed after tracing
+    autograd = run_as(model, "autograd", False)
+    assert abs(traced_peak(autograd, x) - measured.plain_peak) <= 0.01 * measured.plain_peak

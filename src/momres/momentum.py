@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -307,6 +307,12 @@ def _relative_change(old: float, new: float) -> float:
     return abs(new - old) / abs(old)
 
 
+#: Called as ``observe(f, x)`` before each block ``f`` that ``momentum_rule`` runs, at its
+#: input ``x``: how ``momres.plan`` marks its traces at block boundaries (a forward pre-hook on
+#: the block would also do, but would keep ``_tail`` from splitting the block it watches).
+BLOCK_OBSERVERS: list[Callable[[nn.Module, torch.Tensor], None]] = []
+
+
 def momentum_rule(
     functions: list[nn.Module], gamma: float, x: torch.Tensor, v: torch.Tensor,
     args: tuple = (), kwargs: dict | None = None, residual: bool = True, first: int = 0,
@@ -319,6 +325,8 @@ def momentum_rule(
     # cannot record a Function that changes its input.
     in_place = not torch.jit.is_tracing()
     for n, f in enumerate(functions):
+        for observe in BLOCK_OBSERVERS:
+            observe(f, x)
         # The block's own output, then the rule's update as one graph node (``RuleStep``);
         # for a block ending in relu(r + x), its branch r, and the add and ReLU in that node.
         tail = None if residual else _tail.branch(f, args, kwargs)

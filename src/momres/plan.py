@@ -54,7 +54,7 @@ from .convert import (
     momentum_stages,
     part_checkpointed,
 )
-from .momentum import MODES, Strategy
+from .momentum import BLOCK_OBSERVERS, MODES, Strategy
 
 #: Strategies a plan chooses from by default: those whose gradients equal plain autograd's.
 EXACT_MODES = ("autograd", "checkpoint", "exact")
@@ -320,10 +320,17 @@ class _Marks:
                                                                       input_grad=f"M{i}")),
                 m.stage.register_forward_hook(self._output_hook(f"e{i}", f"B{i}")),
             ]
-            if by_block:
-                for n, block in enumerate(list(m.stage.momentum.functions)[1:], 1):
-                    self.handles.append(block.register_forward_pre_hook(
-                        self._hook(f"b{i}.{n}", input_grad=f"M{i}.{n}")))
+        # Blocks are marked where the rule runs them, without hooks of their own (which would
+        # keep them from running as they run unobserved: ``momentum.BLOCK_OBSERVERS``).
+        self.blocks = {id(block): self._hook(f"b{i}.{n}", input_grad=f"M{i}.{n}")
+                       for i, m in enumerate(stages) if by_block
+                       for n, block in enumerate(list(m.stage.momentum.functions)[1:], 1)}
+        BLOCK_OBSERVERS.append(self._observe)
+
+    def _observe(self, block: nn.Module, x: torch.Tensor) -> None:
+        hook = self.blocks.get(id(block))
+        if hook is not None:
+            hook(block, (x,))
 
     def _hook(self, label: str, input_grad: str):
         def hook(module, args):
@@ -350,6 +357,7 @@ class _Marks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        BLOCK_OBSERVERS.remove(self._observe)
 
 
 def _configure(model: nn.Module, stages: list[StageMeasure], parts: list[FoundPart],
