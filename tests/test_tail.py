@@ -78,8 +78,7 @@ def test_tail_backward_kernel_matches_the_eager_formulas(dtype, given):
         assert torch.equal(bits(g), bits(w))
 
 
-@pytest.mark.parametrize("kernels", [
-pytest.param("1", marks=needs_compiler), "0"])
+@pytest.mark.parametrize("kernels", [pytest.param("1", marks=needs_compiler), "0"])
 def test_tail_step_differentiates_what_it_computes(monkeypatch, kernels):
     """gradcheck (the kernel's backward when built) and gradgradcheck (double backward runs
     the eager formulas) in float64, with gradients into both outputs and into one."""
@@ -160,6 +159,11 @@ class OwnForward(BasicBlock):
         return super().forward(x) * 1.0
 
 
+class OwnCall(BasicBlock):
+    def __call__(self, x):
+        return super().__call__(x) * 1.0
+
+
 class KeepsForward(BasicBlock):
     """A subclass that changes nothing of the computation: still split."""
 
@@ -168,17 +172,12 @@ class LoudReLU(nn.ReLU):
     pass
 
 
-def _global_hook():
-    handle = torch_module.register_module_forward_hook(lambda *a: None)
-    return handle
-
-
 @pytest.mark.parametrize("case", ["block hook", "relu pre-hook", "backward hook", "downsample",
-                                  "own forward", "instance forward", "relu subclass",
+                                  "own forward", "own call", "instance forward", "relu subclass",
                                   "global hook", "arguments"])
 def test_blocks_that_could_see_the_split_are_run_whole(case):
     calls = []
-    f = OwnForward(8, 8) if case == "own forward" else BasicBlock(8, 8)
+    f = {"own forward": OwnForward, "own call": OwnCall}.get(case, BasicBlock)(8, 8)
     args, handle = (), None
     if case == "block hook":
         f.register_forward_hook(lambda *a: calls.append("block"))
@@ -193,7 +192,7 @@ def test_blocks_that_could_see_the_split_are_run_whole(case):
     elif case == "relu subclass":
         f.relu = LoudReLU(inplace=True)
     elif case == "global hook":
-        handle = _global_hook()
+        handle = torch_module.register_module_forward_hook(lambda *a: None)
     elif case == "arguments":
         args = (1,)
     try:

@@ -8,9 +8,10 @@ instead and does the add and the ReLU in its own pass; its backward hands the br
 and ``x`` its whole gradient.  The function computed is the block's, operation for operation.
 
 The block is then run in two parts, its submodules called directly; so only where that cannot
-differ from calling it: exactly torchvision's ``forward`` (a subclass that keeps it too), no
-downsample, no arguments, and no hooks on the block or its ReLU (which ``forward`` calls twice
-and the branch once) nor global module hooks, which would see one call fewer.
+differ from calling it: exactly torchvision's ``forward`` and ``Module.__call__`` (a subclass
+that keeps both too), no downsample, no arguments, and no hooks on the block or its ReLU (which
+``forward`` calls twice and the branch once) nor global module hooks, which would see one call
+fewer.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def branch(f: nn.Module, args: tuple, kwargs: dict
     split = (_basic if forward is resnet.BasicBlock.forward else
              _bottleneck if forward is resnet.Bottleneck.forward else None)
     if (split is None or f.downsample is not None or "forward" in f.__dict__
+            or type(f).__call__ is not nn.Module.__call__
             or type(f.relu) is not nn.ReLU or "forward" in f.relu.__dict__
             or _hooked(f) or _hooked(f.relu)
             or any(getattr(_module, name, None) for name in _GLOBAL_HOOKS)):
