@@ -1,8 +1,9 @@
 """The ReLU tail (``_tail``): a torchvision block's own add and ReLU taken in the rule's pass
-under plain autograd.  The kernels give the eager operations' numbers bit for bit, the step
-differentiates what it computes (gradcheck, double backward), a stage of such blocks gives the
-rule written out with the blocks called whole, and blocks that could see the split (hooks,
-their own ``forward``, a downsample, arguments) are run whole."""
+under plain autograd and in the memory-free passes.  The kernels give the eager operations'
+numbers bit for bit, the step differentiates what it computes (gradcheck, double backward), a
+stage of such blocks gives the rule written out with the blocks called whole (memory-free: the
+same stage with its blocks called whole, bit for bit), and blocks that could see the split
+(hooks, their own ``forward``, a downsample, arguments) are run whole."""
 
 import copy
 import shutil
@@ -223,3 +224,90 @@ def test_a_branch_of_another_type_is_added_as_the_block_adds_it(branch_dtype):
     assert torch.equal(v_new, want_v) and torch.equal(x_new, x.detach() + want_v)
     grads = torch.autograd.grad((x_new.sum() + v_new.square().sum()), (x, v, r))
     assert [t.dtype for t in grads] == [torch.float32, torch.float32, branch_dtype]
+
+
+# The memory-free passes: float mode's advance and rebuild, the exact rebuild, the gradients.
+
+def eager_relu_tail(r, x, b):
+    """The block's output ``relu(r + x)`` and the cotangent its ReLU hands the branch."""
+    s = r + x
+    return torch.relu(s), torch.where(s > 0, b, torch.zeros_like(b))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_memory_free_tail_kernels_match_the_eager_operations(dtype):
+    """Each kernel against the operations it replaces, with the block's output given whole:
+    float advance and rebuild, the exact rebuild, and the gradients with the cotangent."""
+    gen, n, lib = torch.Generator().manual_seed(15), 100_003, kernel_library()
+    x, v, r, b, grad, a_x = (values(n, dtype, gen) for _ in range(6))
+    r[4:6] = -x[4:6]  # the kink
+    y, want_c = eager_relu_tail(r, x, b)
+
+    want_x, want_v, got_x, got_v = x.clone(), v.clone(), x.clone(), v.clone()
+    assert _kernels.rule_advance_(lib, want_x, want_v, y, GAMMA, skip=True)
+    assert _kernels.rule_advance_(lib, got_x, got_v, r, GAMMA, tail=True)
+    assert torch.equal(bits(got_x), bits(want_x)) and torch.equal(bits(got_v), bits(want_v))
+
+    want_v, got_v = v.clone(), v.clone()
+    assert _kernels.rule_rebuild_(lib, want_v, y, GAMMA, x) is True
+    c = _kernels.rule_rebuild_(lib, got_v, r, GAMMA, x, b)
+    assert torch.equal(bits(got_v), bits(want_v)) and torch.equal(bits(c), bits(want_c))
+
+    units = torch.randint(-2**40, 2**40, (n,), generator=gen).double()
+    buf = torch.randint(0, 2**31 - 1, (n,), generator=gen).to(torch.int32)
+    want_u, want_buf, got_u, got_buf = units.clone(), buf.clone(), units.clone(), buf.clone()
+    assert _kernels.backward_step_(lib, want_u, want_buf, y, 9, 10, 0.1 * 2.0**30, x) is True
+    c = _kernels.backward_step_(lib, got_u, got_buf, r, 9, 10, 0.1 * 2.0**30, x, b)
+    assert torch.equal(bits(got_u), bits(want_u)) and torch.equal(got_buf, want_buf)
+    assert torch.equal(bits(c), bits(want_c))
+
+    want_ax, want_b, got_ax, got_b = a_x.clone(), b.clone(), a_x.clone(), b.clone()
+    assert _kernels.rule_grads_(lib, want_ax, want_b, grad + want_c, GAMMA, False)
+    assert _kernels.rule_grads_(lib, got_ax, got_b, grad, GAMMA, False, want_c)
+    assert torch.equal(bits(got_ax), bits(want_ax)) and torch.equal(bits(got_b), bits(want_b))
+
+
+def whole(blocks):
+    """The blocks with a no-op forward hook each, so that they run whole (``_tail.branch``)."""
+    for f in blocks:
+        f.register_forward_hook(lambda *a: None)
+    return blocks
+
+
+@pytest.mark.parametrize("kernels", [pytest.param("1", marks=needs_compiler), "0"])
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("kind, train", [("basic", True), ("basic", False),
+                                         ("bottleneck", True)])
+def test_memory_free_stage_with_tails_matches_its_blocks_run_whole(monkeypatch, kernels,
+                                                                    exact, kind, train):
+    """Outputs, every gradient and BatchNorm's statistics, bit for bit: the tails change how
+    many passes run, not one number; and against plain autograd through the blocks run whole
+    (the memory-free backward's own tolerance)."""
+    monkeypatch.setenv("MOMRES_KERNELS", kernels)
+    blocks = stage_blocks(kind)
+    randomise_batchnorm(blocks)
+    twins = [whole(copy.deepcopy(blocks)), whole(copy.deepcopy(blocks))]
+    nets = [momres.MomentumNet(bs, GAMMA, residual=False, exact=exact).train(train)
+            for bs in (blocks, twins[0])]
+    nets.append(momres.MomentumNet(twins[1], GAMMA, residual=False, memory_efficient=False)
+                .train(train))
+    assert all(_tail.branch(f, (), {}) is not None for f in blocks)
+    assert all(_tail.branch(f, (), {}) is None for f in twins[0])
+    x = torch.randn(4, blocks[0].conv1.in_channels, 6, 6, generator=torch.Generator()
+                    .manual_seed(16))
+    name = "_basic" if kind == "basic" else "_bottleneck"
+    branch, branch_calls = getattr(_tail, name), []
+    monkeypatch.setattr(_tail, name, lambda f, x: branch_calls.append(f) or branch(f, x))
+    results = [output_and_gradients(net, x) for net in nets]
+    # The forward, and the recompute where the rebuild comes first (not the eager exact one,
+    # which needs scratch memory: it runs after the block's backward, which runs whole).
+    assert len(branch_calls) == len(blocks) * (1 if exact and kernels == "0" else 2)
+    (out, grads), (out_whole, grads_whole), (out_auto, grads_auto) = results
+    assert torch.equal(out, out_whole)
+    assert all(torch.equal(g, w) for g, w in zip(grads, grads_whole, strict=True))
+    for a, b in zip(nets[0].buffers(), nets[1].buffers(), strict=True):
+        assert torch.equal(a, b)
+    assert (out - out_auto).abs().max() <= 1e-5 * out_auto.abs().max()
+    for g, w in zip(grads, grads_auto, strict=True):
+        assert (g - w).norm() <= 1e-4 * w.norm()

@@ -125,31 +125,60 @@ FORWARD(f64, double)
 
 /* Backward step (_exact.backward_chunk_): v <- (v - round(scale*g)) * den/num, the buffer
  * giving back the bits, and stored again in its narrow type B.  With x (else NULL), g is
- * y - x, the difference rounded in G as torch rounds it: a block with its own skip. */
+ * y - x, the difference rounded in G as torch rounds it: a block with its own skip.  With c
+ * (else NULL; x given), the block ends in relu(r + x) and g holds its branch r: y = relu(r +
+ * x) is taken here as torch rounds it (RULE's tail), and c = (r + x > 0 ? b : 0), the
+ * cotangent ReLU hands the branch, is written for the vector-Jacobian product. */
 #define BACKWARD(SUFFIX, G, B)                                                          \
+    static inline void backward_##SUFFIX##_one(double *v, B *buf, G g, G s, double num,  \
+                                               double den, double inv_num,             \
+                                               double inv_den) {                       \
+        double w = *v - rint((double)(G)(g * s)), i = (double)*buf;                    \
+        mul_frac(&w, &i, den, num, inv_den, inv_num);                                   \
+        *v = w;                                                                         \
+        *buf = (B)i;                                                                    \
+    }                                                                                   \
+    /* One loop per form, the choice made outside it: a test inside kept the loop from   \
+     * being vectorised. */                                                             \
     CLONES static void backward_##SUFFIX##_range(                                       \
         double *restrict v, B *restrict buf, const G *restrict g, const G *restrict x,  \
-        int64_t lo, int64_t hi, double num, double den, double scale) {                \
+        const G *restrict b, G *restrict c, int64_t lo, int64_t hi, double num,         \
+        double den, double scale) {                                                     \
         double inv_num = 1.0 / num, inv_den = 1.0 / den;                               \
         G s = (G)scale;                                                                 \
-        for (int64_t j = lo; j < hi; j++) {                                            \
-            G gj = x ? (G)(g[j] - x[j]) : g[j];                                         \
-            double c = v[j] - rint((double)(G)(gj * s)), i = (double)buf[j];            \
-            mul_frac(&c, &i, den, num, inv_den, inv_num);                               \
-            v[j] = c;                                                                   \
-            buf[j] = (B)i;                                                              \
+        if (c) {                                                                        \
+            for (int64_t j = lo; j < hi; j++) {                                        \
+                G sj = (G)(g[j] + x[j]);                                                \
+                c[j] = sj > 0 ? b[j] : (G)0;                                            \
+                backward_##SUFFIX##_one(v + j, buf + j, (G)((sj < 0 ? (G)0 : sj) - x[j]), \
+                                        s, num, den, inv_num, inv_den);                 \
+            }                                                                           \
+        } else if (x) {                                                                 \
+            for (int64_t j = lo; j < hi; j++)                                          \
+                backward_##SUFFIX##_one(v + j, buf + j, (G)(g[j] - x[j]), s, num, den,   \
+                                        inv_num, inv_den);                              \
+        } else {                                                                        \
+            for (int64_t j = lo; j < hi; j++)                                          \
+                backward_##SUFFIX##_one(v + j, buf + j, g[j], s, num, den, inv_num,      \
+                                        inv_den);                                       \
         }                                                                               \
     }                                                                                   \
     void momres_backward_##SUFFIX(double *v, B *buf, const G *g, int64_t n, int64_t num, \
                                   int64_t den, double scale, int threads) {            \
-        PARALLEL(n, threads, backward_##SUFFIX##_range(v, buf, g, 0, lo, hi, (double)num, \
-                                                       (double)den, scale));           \
+        PARALLEL(n, threads, backward_##SUFFIX##_range(v, buf, g, 0, 0, 0, lo, hi,        \
+                                                       (double)num, (double)den, scale)); \
     }                                                                                   \
     void momres_backward_skip_##SUFFIX(double *v, B *buf, const G *y, const G *x,        \
                                        int64_t n, int64_t num, int64_t den, double scale, \
                                        int threads) {                                  \
-        PARALLEL(n, threads, backward_##SUFFIX##_range(v, buf, y, x, lo, hi, (double)num, \
-                                                       (double)den, scale));           \
+        PARALLEL(n, threads, backward_##SUFFIX##_range(v, buf, y, x, 0, 0, lo, hi,        \
+                                                       (double)num, (double)den, scale)); \
+    }                                                                                   \
+    void momres_backward_tail_##SUFFIX(double *v, B *buf, const G *r, const G *x,        \
+                                       const G *b, G *c, int64_t n, int64_t num,       \
+                                       int64_t den, double scale, int threads) {       \
+        PARALLEL(n, threads, backward_##SUFFIX##_range(v, buf, r, x, b, c, lo, hi,        \
+                                                       (double)num, (double)den, scale)); \
     }
 
 BACKWARD(f32_u8, float, uint8_t)
@@ -266,6 +295,41 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
         PARALLEL(n, threads, rule_advance_skip_##SUFFIX##_range(x, v, y, lo, hi,          \
                                                                 (T)gamma, (T)alpha));  \
     }                                                                                   \
+    /* The same given the branch r of a block ending in relu(r + x), run at x: g =         \
+     * relu(r + x) - x, the add and the ReLU rounded as torch rounds them (as in the tail   \
+     * below). */                                                                       \
+    CLONES static void rule_advance_tail_##SUFFIX##_range(                              \
+        T *restrict x, T *restrict v, const T *restrict r, int64_t lo, int64_t hi,      \
+        T gamma, T alpha) {                                                             \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T s = r[j] + x[j];                                                          \
+            T w = FMA((s < 0 ? (T)0 : s) - x[j], alpha, v[j] * gamma);                  \
+            v[j] = w;                                                                   \
+            x[j] += w;                                                                  \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_advance_tail_##SUFFIX(T *x, T *v, const T *r, int64_t n,            \
+                                           double gamma, double alpha, int threads) {  \
+        PARALLEL(n, threads, rule_advance_tail_##SUFFIX##_range(x, v, r, lo, hi,          \
+                                                                (T)gamma, (T)alpha));  \
+    }                                                                                   \
+    /* Its inverse for v, given the branch r at the rebuilt x, with the cotangent that     \
+     * ReLU hands the branch: c = (r + x > 0 ? b : 0). */                                \
+    CLONES static void rule_rebuild_tail_##SUFFIX##_range(                              \
+        T *restrict v, const T *restrict r, const T *restrict x, const T *restrict b,   \
+        T *restrict c, int64_t lo, int64_t hi, T gamma, T alpha) {                      \
+        for (int64_t j = lo; j < hi; j++) {                                            \
+            T s = r[j] + x[j];                                                          \
+            v[j] = FMA((s < 0 ? (T)0 : s) - x[j], -alpha, v[j]) / gamma;                \
+            c[j] = s > 0 ? b[j] : (T)0;                                                 \
+        }                                                                               \
+    }                                                                                   \
+    void momres_rule_rebuild_tail_##SUFFIX(T *v, const T *r, const T *x, const T *b, T *c, \
+                                           int64_t n, double gamma, double alpha,      \
+                                           int threads) {                              \
+        PARALLEL(n, threads, rule_rebuild_tail_##SUFFIX##_range(v, r, x, b, c, lo, hi,    \
+                                                                (T)gamma, (T)alpha));  \
+    }                                                                                   \
     /* Its inverse for v, in place: v <- (v - alpha*g) / gamma; with x (else NULL), g is  \
      * y - x, given y. */                                                               \
     CLONES static void rule_rebuild_##SUFFIX##_range(                                   \
@@ -281,18 +345,32 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
     }                                                                                   \
     /* The memory-free backward's gradients after a block's vector-Jacobian product j,    \
      * given b = dL/dx' + dL/dv': dL/dx <- dL/dx' + alpha*(j - b) (j alone for a residual   \
-     * branch), dL/dv = gamma*b written over b. */                                      \
+     * branch; (j + c) - b for a block ending in relu(r + x) whose branch's product j was   \
+     * taken with c, its skip's share), dL/dv = gamma*b written over b. */                 \
     CLONES static void rule_grads_##SUFFIX##_range(                                     \
-        T *restrict ax, T *restrict b, const T *restrict grad, int64_t lo, int64_t hi,  \
-        T gamma, T alpha, int residual) {                                              \
-        for (int64_t j = lo; j < hi; j++) {                                            \
-            ax[j] = FMA(residual ? grad[j] : grad[j] - b[j], alpha, ax[j]);             \
-            b[j] = b[j] * gamma;                                                        \
+        T *restrict ax, T *restrict b, const T *restrict grad, const T *restrict c,     \
+        int64_t lo, int64_t hi, T gamma, T alpha, int residual) {                      \
+        if (residual) {                                                                 \
+            for (int64_t j = lo; j < hi; j++) {                                        \
+                ax[j] = FMA(grad[j], alpha, ax[j]);                                     \
+                b[j] = b[j] * gamma;                                                    \
+            }                                                                           \
+        } else if (c) {                                                                 \
+            for (int64_t j = lo; j < hi; j++) {                                        \
+                ax[j] = FMA((grad[j] + c[j]) - b[j], alpha, ax[j]);                     \
+                b[j] = b[j] * gamma;                                                    \
+            }                                                                           \
+        } else {                                                                        \
+            for (int64_t j = lo; j < hi; j++) {                                        \
+                ax[j] = FMA(grad[j] - b[j], alpha, ax[j]);                              \
+                b[j] = b[j] * gamma;                                                    \
+            }                                                                           \
         }                                                                               \
     }                                                                                   \
-    void momres_rule_grads_##SUFFIX(T *ax, T *b, const T *grad, int64_t n, double gamma, \
-                                    double alpha, int residual, int threads) {         \
-        PARALLEL(n, threads, rule_grads_##SUFFIX##_range(ax, b, grad, lo, hi, (T)gamma,   \
+    void momres_rule_grads_##SUFFIX(T *ax, T *b, const T *grad, const T *c, int64_t n,   \
+                                    double gamma, double alpha, int residual,          \
+                                    int threads) {                                     \
+        PARALLEL(n, threads, rule_grads_##SUFFIX##_range(ax, b, grad, c, lo, hi, (T)gamma, \
                                                          (T)alpha, residual));         \
     }                                                                                   \
     /* RuleStep's backward: b = a_x + a_v; dy = alpha*b; dv = gamma*b; dx = a_x - dy (a   \

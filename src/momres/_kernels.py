@@ -49,6 +49,9 @@ FUNCTIONS = {
        for g in ("f32", "f64") for b in ("u8", "i16", "i32", "f64")},
     **{f"momres_backward_skip_{g}_{b}": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f64, _int]
        for g in ("f32", "f64") for b in ("u8", "i16", "i32", "f64")},
+    **{f"momres_backward_tail_{g}_{b}": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64,
+                                         _f64, _int]
+       for g in ("f32", "f64") for b in ("u8", "i16", "i32", "f64")},
     "momres_retreat_f32": [_ptr, _ptr, _ptr, _i64, _int, _int],
     "momres_retreat_f64": [_ptr, _ptr, _i64, _int, _int],
     **{f"momres_rule_{name}_{t}": arguments for t in ("f32", "f64") for name, arguments in {
@@ -56,8 +59,10 @@ FUNCTIONS = {
         "step": [_ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
         "advance": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
         "advance_skip": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
+        "advance_tail": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
         "rebuild": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
-        "grads": [_ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
+        "rebuild_tail": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
+        "grads": [_ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
         "backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int, _int],
         "tail": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
         "tail_backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _f64, _f64, _int],
@@ -185,22 +190,32 @@ def forward_step_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, buf: torch
 
 
 def backward_step_(lib: ctypes.CDLL, v: torch.Tensor, buf: torch.Tensor, g: torch.Tensor,
-                   num: int, den: int, scale: float, x: torch.Tensor | None = None) -> bool:
+                   num: int, den: int, scale: float, x: torch.Tensor | None = None,
+                   b: torch.Tensor | None = None) -> torch.Tensor | bool:
     """``_exact.backward_chunk_`` in one pass over whole tensors, in place (``v`` float64,
     ``buf`` in its stored type, ``g`` float32 or float64); with ``x`` (of ``g``'s type),
-    ``g - x`` in place of ``g``, rounded as torch rounds it.  ``False`` where it cannot run."""
-    if not (supported(v, buf, g, x) and v.dtype == torch.float64 and g.is_floating_point()
-            and (x is None or x.dtype == g.dtype)):
+    ``g - x`` in place of ``g``, rounded as torch rounds it.  With ``b`` too, ``g`` is the
+    branch ``r`` of a block ending in ``relu(r + x)`` (``_tail``), ``relu(r + x) - x`` is
+    used, and the cotangent ReLU hands the branch, ``where(r + x > 0, b, 0)``, is returned (a
+    new tensor).  ``False`` (nothing done) where it cannot run."""
+    if not (supported(v, buf, g, x, b) and v.dtype == torch.float64 and g.is_floating_point()
+            and all(t is None or t.dtype == g.dtype for t in (x, b))):
         return False
     types = f"{SUFFIX[g.dtype]}_{SUFFIX[buf.dtype]}"
+    threads = torch.get_num_threads()
     if x is None:
         getattr(lib, f"momres_backward_{types}")(
-            v.data_ptr(), buf.data_ptr(), g.data_ptr(), v.numel(), num, den, scale,
-            torch.get_num_threads())
-    else:
+            v.data_ptr(), buf.data_ptr(), g.data_ptr(), v.numel(), num, den, scale, threads)
+    elif b is None:
         getattr(lib, f"momres_backward_skip_{types}")(
             v.data_ptr(), buf.data_ptr(), g.data_ptr(), x.data_ptr(), v.numel(), num, den,
-            scale, torch.get_num_threads())
+            scale, threads)
+    else:
+        c = torch.empty_like(b)
+        getattr(lib, f"momres_backward_tail_{types}")(
+            v.data_ptr(), buf.data_ptr(), g.data_ptr(), x.data_ptr(), b.data_ptr(), c.data_ptr(),
+            v.numel(), num, den, scale, threads)
+        return c
     return True
 
 
@@ -266,42 +281,55 @@ def rule_step_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, y: torch.Tens
 
 
 def rule_advance_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                  gamma: float, skip: bool = False) -> bool:
+                  gamma: float, skip: bool = False, tail: bool = False) -> bool:
     """``v <- gamma*v + (1-gamma)*g; x <- x + v`` in place (``FloatInversion.advance``); with
     ``skip``, ``g`` is the output ``y`` of a block run at ``x`` itself, and ``y - x`` is used
-    (taken before ``x`` moves)."""
+    (taken before ``x`` moves); with ``tail``, ``g`` is the branch ``r`` of a block ending in
+    ``relu(r + x)`` (``_tail``), and ``relu(r + x) - x`` is used."""
     suffix = _floats(x, v, g)
     if suffix is not None:
-        getattr(lib, f"momres_rule_advance{'_skip' if skip else ''}_{suffix}")(
+        name = "_tail" if tail else "_skip" if skip else ""
+        getattr(lib, f"momres_rule_advance{name}_{suffix}")(
             x.data_ptr(), v.data_ptr(), g.data_ptr(), x.numel(), gamma, 1 - gamma,
             torch.get_num_threads())
     return suffix is not None
 
 
 def rule_rebuild_(lib: ctypes.CDLL, v: torch.Tensor, g: torch.Tensor, gamma: float,
-                  x: torch.Tensor | None = None) -> bool:
+                  x: torch.Tensor | None = None, b: torch.Tensor | None = None
+                  ) -> torch.Tensor | bool:
     """``v <- (v - (1-gamma)*g) / gamma`` in place (``FloatInversion.rebuild``); with ``x``,
-    ``g - x`` in place of ``g``."""
-    suffix = _floats(v, g, *([] if x is None else [x]))
-    if suffix is not None:
+    ``g - x`` in place of ``g``; with ``b`` too, ``g`` is a branch ``r`` and ``relu(r + x) -
+    x`` is used, and the cotangent ``where(r + x > 0, b, 0)`` returned (as
+    ``backward_step_``)."""
+    suffix = _floats(v, g, *(t for t in (x, b) if t is not None))
+    if suffix is None:
+        return False
+    threads = torch.get_num_threads()
+    if b is None:
         getattr(lib, f"momres_rule_rebuild_{suffix}")(
-            v.data_ptr(), g.data_ptr(), _address(x), v.numel(), gamma, 1 - gamma,
-            torch.get_num_threads())
-    return suffix is not None
+            v.data_ptr(), g.data_ptr(), _address(x), v.numel(), gamma, 1 - gamma, threads)
+        return True
+    c = torch.empty_like(b)
+    getattr(lib, f"momres_rule_rebuild_tail_{suffix}")(
+        v.data_ptr(), g.data_ptr(), x.data_ptr(), b.data_ptr(), c.data_ptr(), v.numel(), gamma,
+        1 - gamma, threads)
+    return c
 
 
 def rule_grads_(lib: ctypes.CDLL, a_x: torch.Tensor, b: torch.Tensor, grad: torch.Tensor,
-                gamma: float, residual: bool) -> bool:
+                gamma: float, residual: bool, c: torch.Tensor | None = None) -> bool:
     """The memory-free backward's gradients after a block (``_rule.backward_step``), in
-    place: ``a_x += (1-gamma)*(grad - b)`` (``grad`` alone for a residual branch) and
-    ``b *= gamma``, as the eager operations round them.  ``grad`` must not share ``b``'s
-    memory (a block that returns its input hands the cotangent back as its gradient)."""
-    suffix = _floats(a_x, b, grad)
+    place: ``a_x += (1-gamma)*(grad - b)`` (``grad`` alone for a residual branch; ``(grad +
+    c) - b`` with ``c``, the cotangent a tail block's branch got) and ``b *= gamma``, as the
+    eager operations round them.  ``grad`` must not share ``b``'s memory (a block that
+    returns its input hands the cotangent back as its gradient)."""
+    suffix = _floats(a_x, b, grad, *(() if c is None else (c,)))
     if suffix is None or _overlap(grad, b) or _overlap(grad, a_x) or _overlap(a_x, b):
         return False
     getattr(lib, f"momres_rule_grads_{suffix}")(
-        a_x.data_ptr(), b.data_ptr(), grad.data_ptr(), a_x.numel(), gamma, 1 - gamma,
-        residual, torch.get_num_threads())
+        a_x.data_ptr(), b.data_ptr(), grad.data_ptr(), _address(c), a_x.numel(), gamma,
+        1 - gamma, residual, torch.get_num_threads())
     return True
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
+from . import _tail
 from ._replay import AutocastState, RngState, frozen_batchnorm, mha_fast_path_off, restored_rng
 
 #: What a block's graph may reach: its input ``"x"``, ``("parameter", j)`` (index in
@@ -62,24 +63,29 @@ def evaluate(
 def block_output(
     n: int, f: Callable, x: torch.Tensor, args: tuple, kwargs: dict,
     swaps: list[tuple[dict, str, torch.Tensor]] | None = None,
+    tail: _tail.Branch | None = None,
 ) -> torch.Tensor:
     """``f_n(x)`` itself, checked to keep the shape of ``x``; with ``swaps`` (``(parameter
     dict, name, tensor)``: every slot of the block, ``Stage.block_slots``), ``f`` runs with
-    those tensors in its parameter slots, put back afterwards.
+    those tensors in its parameter slots, put back afterwards; with ``tail`` (``Stage.tails``),
+    the block's branch ``r`` alone (it computes ``relu(r + x)``).
 
     What ``torch.func.functional_call`` does with the block's parameter names, without its
     per-call cost (resolving names, untying, swapping through ``setattr``): the slots are found
     once per stage call, tied parameters (one tensor in several slots) included, and the
     tensors go straight into the dicts, as BatchNorm's statistics do in ``frozen_batchnorm``.
     """
+    def call() -> object:
+        return f(x, *args, **kwargs) if tail is None else tail(f, x)
+
     if swaps is None:
-        y = f(x, *args, **kwargs)
+        y = call()
     else:
         originals = [(slots, name, slots[name]) for slots, name, _ in swaps]
         try:
             for slots, name, t in swaps:
                 slots[name] = t
-            y = f(x, *args, **kwargs)
+            y = call()
         finally:
             for slots, name, t in originals:
                 slots[name] = t
@@ -115,6 +121,7 @@ class Stage:
     arg_leaves: list[Any]  # flattened (args, kwargs); tensors replaced at call time
     audit: list[bool]  # per block: not yet audited (forward and recompute graphs compared)
     sharded: list[bool]  # per block: managed by FSDP2 (its parameters are not inputs)
+    tails: list[_tail.Branch | None]  # per block: its branch, if it ends in relu(r + x)
 
     @property
     def n_params(self) -> int:
@@ -176,8 +183,12 @@ def build_stage(
     leaves, spec = pytree.tree_flatten((args, kwargs))
     tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
     audit = [not whole and f not in _AUDITED for f, whole in zip(functions, sharded, strict=True)]
+    # Blocks ending in relu(r + x) are run as their branch r: the rule's pass takes the add and
+    # the ReLU (``_tail``).  Decided here, once: the backward pass follows the forward's choice.
+    tails = [None if residual or whole else _tail.branch(f, args, kwargs)
+             for f, whole in zip(functions, sharded, strict=True)]
     stage = Stage(functions, residual, params, block_params, block_names, block_slots,
-                  block_norms, versions, spec, leaves, audit, sharded)
+                  block_norms, versions, spec, leaves, audit, sharded, tails)
     return stage, params, tensors
 
 
@@ -199,16 +210,19 @@ class Recorder:
     def __call__(self, n: int, x: torch.Tensor, skip: bool = True) -> torch.Tensor:
         """``g = f_n(x)``, as the backward pass will recompute it; ``skip=False``: for a block
         with its own skip connection, its output ``y``, whose ``y - x`` the caller takes in
-        its own pass."""
-        f, version = self.stage.functions[n], x._version
+        its own pass, or, for a block ending in ``relu(r + x)`` (``Stage.tails``), its branch
+        ``r``, whose ``relu(r + x) - x`` the caller takes."""
+        f, version, tail = self.stage.functions[n], x._version, self.stage.tails[n]
         before = RngState.capture(self.device) if self.rng_now is None else self.rng_now
         # Without grad, attention would take fused kernels that the recompute (with grad)
         # cannot: both passes must compute the same numbers.
         with mha_fast_path_off():
             if self.stage.audit[n]:
-                g = self._audited(n, f, x, skip)
+                g = self._audited(n, f, x, tail)
             else:
-                g = evaluate(n, f, x, self.args, self.kwargs, self.stage.residual or not skip)
+                g = block_output(n, f, x, self.args, self.kwargs, tail=tail)
+        if skip and not self.stage.residual:
+            g = (g if tail is None else _tail.output(g, x)) - x
         if x._version != version:
             raise _modified_input(n, f)
         self.rng_now = RngState.capture(self.device)
@@ -216,9 +230,11 @@ class Recorder:
             self.rng[n] = before
         return g
 
-    def _audited(self, n: int, f: nn.Module, x: torch.Tensor, skip: bool) -> torch.Tensor:
-        """``evaluate``, with grad on leaves of its own, recording in ``reads`` which of them
-        the block's output reaches; refuses tensors requiring grad that it reaches besides."""
+    def _audited(self, n: int, f: nn.Module, x: torch.Tensor, tail: _tail.Branch | None
+                 ) -> torch.Tensor:
+        """``block_output``, with grad on leaves of its own, recording in ``reads`` which of
+        them the block's output reaches; refuses tensors requiring grad that it reaches
+        besides."""
         stage = self.stage
         keys: dict[int, Key] = {}
         x_leaf = _leaf(x, "x", keys)
@@ -231,7 +247,7 @@ class Recorder:
         # outer one (``activation_memory`` counts what the forward pass keeps for backward).
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_alias, _alias):
             try:
-                y = block_output(n, f, x_leaf, args, kwargs, stage.swaps(n, params))
+                y = block_output(n, f, x_leaf, args, kwargs, stage.swaps(n, params), tail)
             except RuntimeError as error:
                 if "leaf Variable that requires grad" in str(error):
                     raise _modified_input(n, f) from None
@@ -245,8 +261,7 @@ class Recorder:
                 "backward cannot give it its gradient. Register it as an nn.Parameter of the "
                 "block, pass it to the stage as an argument, or detach it."
             )
-        y = y.detach()
-        return y - x if skip and not stage.residual else y
+        return y.detach()
 
     def save(self, ctx, state: list[torch.Tensor]) -> None:
         """Everything the backward needs goes through ``save_for_backward`` (and is counted)."""
@@ -305,7 +320,8 @@ class Replayer:
             )
 
     def pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float = 1.0,
-             use: Callable[[torch.Tensor], None] | None = None, skip: bool = True
+             use: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+             skip: bool = True, tail: bool = False
              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Block ``n`` at ``x``, evaluated once: its value ``g`` and ``J_x^T cotangent``.
 
@@ -318,28 +334,34 @@ class Replayer:
         ``skip=False``, for a block with its own skip connection (``residual=False``): ``g``
         and its product are the block's output ``y`` and ``J_y^T cotangent``, without the
         skip's ``- x`` and ``- cotangent``, which the caller takes in its own fused passes.
+
+        ``tail`` (with ``skip=False`` and ``use``), for a block ending in ``relu(r + x)``
+        (``Stage.tails``): ``g`` is its branch ``r``, and ``use(r)`` returns the cotangent the
+        ReLU hands the branch; the product is the branch's with it.
         """
         x = x.detach().requires_grad_()
         skip = skip and not self.stage.residual
         if self.stage.sharded[n]:
             g, grad = self._pull_sharded(n, x, cotangent, scale, skip)
         else:
-            g, grad = self._pull(n, x, cotangent, scale, use, skip)
+            g, grad = self._pull(n, x, cotangent, scale, use, skip,
+                                 self.stage.tails[n] if tail else None)
         if use is not None and g is not None:  # not used yet
             use(g)
             g = None
         return g, grad
 
     def _pull(self, n: int, x: torch.Tensor, cotangent: torch.Tensor, scale: float,
-              use: Callable[[torch.Tensor], None] | None, skip: bool
-              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+              use: Callable[[torch.Tensor], torch.Tensor | None] | None, skip: bool,
+              tail: _tail.Branch | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``pull`` for a block that is not sharded: ``g`` is ``None`` if ``use`` took it;
-        ``skip``: subtract the block's own skip connection."""
+        ``skip``: subtract the block's own skip connection; ``tail``: run its branch."""
         f, indices = self.stage.functions[n], self.stage.block_params[n]
         with torch.enable_grad(), self.autocast.replay(), restored_rng(
             self.rng.get(n), self.device
         ), frozen_batchnorm(f, self.stage.block_norms[n]):
-            y = block_output(n, f, x, self.args, self.kwargs, self.stage.swaps(n, self.leaves))
+            y = block_output(n, f, x, self.args, self.kwargs, self.stage.swaps(n, self.leaves),
+                             tail)
             if n in self.reads:
                 self._audit(n, x, y)
         mine = [j for j in indices if self.param_needs[j]]
@@ -347,9 +369,13 @@ class Replayer:
         # A block with its own skip: g = y - x, whose vector-Jacobian product is the block's
         # minus the cotangent.  Taken outside the graph: one node and two passes fewer.
         g = y.detach() - x.detach() if skip else y.detach()
-        if use is not None and y.grad_fn is not None:
-            use(g)
-            g, y = None, torch.autograd.graph.get_gradient_edge(y)
+        if use is not None and (y.grad_fn is not None or tail is not None):
+            given = use(g)  # a tail's cotangent is needed now, whatever the graph
+            if tail is not None:
+                cotangent = given
+            g = None
+            if y.grad_fn is not None:
+                y = torch.autograd.graph.get_gradient_edge(y)
         grads = torch.autograd.grad(y, wrt, cotangent, allow_unused=True)
         _accumulate(self.param_grads, mine, grads[1 : 1 + len(mine)], scale)
         _accumulate(self.arg_grads, range(len(self.grad_args)), grads[1 + len(mine) :], scale)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _exact, _kernels, debug
+from . import _exact, _kernels, _tail, debug
 from ._fusion import fused, fusing
 from ._recompute import Recorder, Replayer, Stage, graph_kept
 
@@ -53,12 +53,14 @@ class Inversion:
 
     Forward: ``start(x0, v0)``; per block ``advance(n, f_n(position()))``, or ``advance(n, y,
     x)`` with the output ``y`` of a block with its own skip run at ``x = position()`` (``g = y -
-    x``, taken in the same pass); ``finish()`` gives the outputs, the tensors to save and a
-    small picklable ``layout`` of them.  Backward:
+    x``, taken in the same pass), or ``advance(n, r, x, tail=True)`` with the branch ``r`` of a
+    block ending in ``relu(r + x)`` (``g = relu(r + x) - x``); ``finish()`` gives the outputs,
+    the tensors to save and a small picklable ``layout`` of them.  Backward:
     ``resume(saved, layout)``; per block from the top ``retreat()`` (gives ``x_n``) then
     ``rebuild(n, g)`` with ``g = f_n(x_n)``, or ``rebuild(n, y, x_n)`` with the output ``y``
-    of a block with its own skip (``g = y - x_n``, taken in the same pass); ``verify()`` at
-    the end.
+    of a block with its own skip (``g = y - x_n``, taken in the same pass), or ``rebuild(n, r,
+    x_n, b)`` with the branch ``r`` of a tail block, which also returns the cotangent ReLU
+    hands the branch, ``where(r + x_n > 0, b, 0)``; ``verify()`` at the end.
     """
 
     def __init__(self, rule: Rule, dtype: torch.dtype, depth: int) -> None:
@@ -70,7 +72,8 @@ class Inversion:
     def position(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def advance(self, n: int, g: torch.Tensor, x: torch.Tensor | None = None) -> None:
+    def advance(self, n: int, g: torch.Tensor, x: torch.Tensor | None = None,
+                tail: bool = False) -> None:
         raise NotImplementedError
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], object]:
@@ -82,7 +85,8 @@ class Inversion:
     def retreat(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def rebuild(self, n: int, g: torch.Tensor, x: torch.Tensor | None = None) -> None:
+    def rebuild(self, n: int, g: torch.Tensor, x: torch.Tensor | None = None,
+                b: torch.Tensor | None = None) -> torch.Tensor | None:
         raise NotImplementedError
 
     def rebuilds_in_place(self) -> bool:
@@ -126,12 +130,14 @@ class FloatInversion(Inversion):
     def position(self):
         return self.x
 
-    def advance(self, n, g, x=None):
+    def advance(self, n, g, x=None, tail=False):
         gamma = self.rule.gamma
         # The position is x itself: the kernel takes g = y - x before x moves.
         if self.kernels is not None and (x is None or x is self.x) and _kernels.rule_advance_(
-                self.kernels, self.x, self.v, g, gamma, skip=x is not None):
+                self.kernels, self.x, self.v, g, gamma, skip=x is not None, tail=tail):
             return
+        if tail:
+            g = _tail.output(g, x)
         if x is not None:
             g = g - x
         self.v.mul_(gamma).add_(g, alpha=1 - gamma)
@@ -152,10 +158,15 @@ class FloatInversion(Inversion):
     def retreat(self):
         return self.x.sub_(self.v)
 
-    def rebuild(self, n, g, x=None):
+    def rebuild(self, n, g, x=None, b=None):
         gamma = self.rule.gamma
-        if self.kernels is None or not _kernels.rule_rebuild_(self.kernels, self.v, g, gamma, x):
-            self.v.sub_(g if x is None else g - x, alpha=1 - gamma).div_(gamma)
+        done = self.kernels is not None and _kernels.rule_rebuild_(self.kernels, self.v, g,
+                                                                   gamma, x, b)
+        if done is not False:
+            return None if b is None else done
+        g, c = (g, None) if b is None else _relu_tail(g, x, b)
+        self.v.sub_(g if x is None else g - x, alpha=1 - gamma).div_(gamma)
+        return c
 
     def verify(self):
         # Deviation of each moment relative to the state's size: sums against
@@ -224,7 +235,9 @@ class ExactInversion(Inversion):
             return x
         return self.X.to(self.dtype, copy=True)
 
-    def advance(self, n, g, x=None):
+    def advance(self, n, g, x=None, tail=False):
+        if tail:
+            g = _tail.output(g, x)
         if x is not None:
             g = g - x
         if self.schedule[n]:  # stored as narrow as the segment's bound allows
@@ -292,10 +305,18 @@ class ExactInversion(Inversion):
                 _exact.retreat_chunk_(x, r, v, _exact.shaped(u, x), self.rule.frac_bits)
         return self.x
 
-    def rebuild(self, n, g, x=None):
-        rule, g = self.rule, g.to(self.dtype)
-        if self.kernels is None or not _kernels.backward_step_(
-                self.kernels, self.V, self.buf, g, rule.num, rule.den, self.scale, x):
+    def rebuild(self, n, g, x=None, b=None):
+        rule, c = self.rule, None
+        if b is not None and g.dtype != self.dtype:  # a branch under autocast: added in its type
+            (g, c), b = _relu_tail(g, x, b), None
+        g = g.to(self.dtype)
+        done = self.kernels is not None and _kernels.backward_step_(
+            self.kernels, self.V, self.buf, g, rule.num, rule.den, self.scale, x, b)
+        if done is not False and b is not None:
+            c = done
+        elif done is False:
+            if b is not None:
+                g, c = _relu_tail(g, x, b)
             if x is not None:
                 g = g - x
             b, t = _exact.scratch(self.x, self.rows)
@@ -305,6 +326,7 @@ class ExactInversion(Inversion):
         if self.schedule[n]:
             self.leftovers.append(self.buf.any())
             self.buf = self.spilled.pop()
+        return c
 
     def rebuilds_in_place(self):
         # The eager arithmetic needs float64 scratch (whole tensors on CUDA).
@@ -342,13 +364,23 @@ class LoggedInversion:
     def __getattr__(self, name):  # every step but the two logged ones goes to ``inner``
         return getattr(self.inner, name)
 
-    def advance(self, n, g, x=None):
+    def advance(self, n, g, x=None, tail=False):
         self.log["forward"][n] = tuple(t.clone() for t in self.inner.state())
-        self.inner.advance(n, g, x)
+        self.inner.advance(n, g, x, tail)
 
-    def rebuild(self, n, g, x=None):
-        self.inner.rebuild(n, g, x)
+    def rebuild(self, n, g, x=None, b=None):
+        c = self.inner.rebuild(n, g, x, b)
         self.log["backward"][n] = tuple(t.clone() for t in self.inner.state())
+        return c
+
+
+def _relu_tail(r: torch.Tensor, x: torch.Tensor, b: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tail block's output ``relu(r + x)`` and the cotangent its ReLU hands the branch,
+    ``where(r + x > 0, b, 0)``: the eager form of the rebuild kernels' tail."""
+    s = _tail.joined(r, x)
+    c = torch.where(s > 0, b, 0)
+    return s.relu_(), c
 
 
 def _extremes(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,7 +483,7 @@ class RuleStep(torch.autograd.Function):
             if fused is not None:
                 ctx.save_for_backward(fused[2])
                 return fused[:2]
-            s = torch.add(y, x).to(y.dtype)  # the block's `out += identity` (in out's type)
+            s = _tail.joined(y, x)  # the block's `out += identity` (in out's type)
             ctx.save_for_backward(s > 0)
             y = s.relu_()
         elif own_v and lib is not None:
@@ -505,7 +537,8 @@ class MomentumFunction(torch.autograd.Function):
         skip = not stage.residual  # g = y - x, taken in the advance's pass
         for n in range(depth):
             x = state.position()
-            state.advance(n, run(n, x, skip=False), x if skip else None)
+            state.advance(n, run(n, x, skip=False), x if skip else None,
+                          stage.tails[n] is not None)
         x_out, v_out, saved, ctx.layout = state.finish()
         ctx.rule, ctx.dtype = rule, x0.dtype
         run.save(ctx, saved)
@@ -549,11 +582,25 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
     # through it; else after, when the block's graph is gone.  A block with its own skip
     # hands back its output y and its product without the skip's share: g = y - x is taken
     # in the rebuild's pass, the skip's -b in the gradients' (``fused_grads``).
+    # A block ending in relu(r + x) (``_tail``) runs as its branch r where the rebuild comes
+    # first: the rebuild's pass takes the add and the ReLU and gives the cotangent c that the
+    # ReLU hands r; x's gradient is then (J_r^T c + c) - b, as autograd sums it through the
+    # block's own add and ReLU.
     skip = None if replay.stage.residual else x
     early = state.rebuilds_in_place()
-    g, grad = replay.pull(block, x, b, 1 - gamma, skip=False,
-                          use=(lambda y: state.rebuild(n, y, skip)) if early else None)
-    if not (own_a_x and fused_grads(a_x, b, grad, gamma, skip is None)):
+    tail = early and replay.stage.tails[block] is not None
+    c = None
+
+    def rebuild(y: torch.Tensor) -> torch.Tensor | None:
+        nonlocal c
+        c = state.rebuild(n, y, skip, b if tail else None)
+        return c
+
+    g, grad = replay.pull(block, x, b, 1 - gamma, skip=False, use=rebuild if early else None,
+                          tail=tail)
+    if not (own_a_x and fused_grads(a_x, b, grad, gamma, skip is None, c)):
+        if c is not None:
+            grad = c if grad is None else grad + c
         if skip is not None:
             grad = -b if grad is None else grad - b
         if grad is None:
@@ -571,12 +618,12 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
 
 
 def fused_grads(a_x: torch.Tensor, b: torch.Tensor, grad: torch.Tensor | None, gamma: float,
-                residual: bool) -> bool:
-    """``a_x += (1-gamma) (grad - b)`` (``grad`` alone if ``residual``) and ``b *= gamma`` in
-    one pass of a C kernel, as the eager operations round them; ``False`` (nothing done)
-    where it cannot run."""
+                residual: bool, c: torch.Tensor | None = None) -> bool:
+    """``a_x += (1-gamma) (grad - b)`` (``grad`` alone if ``residual``, ``(grad + c) - b`` with
+    a tail's cotangent ``c``) and ``b *= gamma`` in one pass of a C kernel, as the eager
+    operations round them; ``False`` (nothing done) where it cannot run."""
     lib = None if grad is None else _kernels.kernels(a_x)
-    return lib is not None and _kernels.rule_grads_(lib, a_x, b, grad, gamma, residual)
+    return lib is not None and _kernels.rule_grads_(lib, a_x, b, grad, gamma, residual, c)
 
 
 def _writable(grad: torch.Tensor, like: torch.Tensor, b: torch.Tensor) -> bool:

@@ -5,7 +5,11 @@ with ``r`` their branch.  Under the momentum rule, ``g = y - x`` then costs, bes
 pass, the block's add and ReLU forward, ReLU's mask and the sum of the skip's gradient with the
 branch's backward, and one stored tensor (ReLU's output).  ``RuleStep(tail=True)`` takes ``r``
 instead and does the add and the ReLU in its own pass; its backward hands the branch ``dL/dr``
-and ``x`` its whole gradient.  The function computed is the block's, operation for operation.
+and ``x`` its whole gradient.  The memory-free stages do the same (``Stage.tails``): their
+forward advances the state from ``r`` and their backward rebuilds it from the recomputed ``r``,
+handing the branch's vector-Jacobian product the cotangent ReLU would have, in the same pass.
+The function computed is the block's, operation for operation, and so are the gradients, bit
+for bit.
 
 The block is then run in two parts, its submodules called directly; so only where that cannot
 differ from calling it: exactly torchvision's ``forward`` and ``Module.__call__`` (a subclass
@@ -22,6 +26,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
+
+#: A block's branch: ``branch(block, x)`` is its ``r`` at ``x``.
+Branch = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def joined(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``r + x`` as the block's ``out += identity`` rounds it: in the branch's type."""
+    return torch.add(r, x).to(r.dtype)
+
+
+def output(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The block's output ``relu(r + x)`` from its branch ``r`` (a new tensor)."""
+    return joined(r, x).relu_()
 
 
 def _basic(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -42,8 +59,7 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
                  "_global_backward_pre_hooks")
 
 
-def branch(f: nn.Module, args: tuple, kwargs: dict
-           ) -> Callable[[nn.Module, torch.Tensor], torch.Tensor] | None:
+def branch(f: nn.Module, args: tuple, kwargs: dict) -> Branch | None:
     """The branch ``r`` of block ``f`` if ``f(x, *args, **kwargs)`` is ``relu(r(f, x) + x)``
     and may be run that way (module docstring); ``None`` otherwise."""
     resnet = sys.modules.get("torchvision.models.resnet")
