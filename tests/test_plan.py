@@ -1,6 +1,7 @@
 """Execution strategies, the default per stage, and momres.plan: memory changes, never results."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -158,6 +159,28 @@ def test_budget_plans_fit_are_deterministic_and_bad_budgets_are_clear_errors():
             momres.plan(model, x, budget=bad)
     assert parse_bytes("6GiB") == 6 * 2**30 and parse_bytes("500MB") == 500 * 10**6
     assert parse_bytes(" 1.5 kib ") == 1536 and parse_bytes(4096) == 4096
+
+
+def test_a_budget_plan_whose_traced_peak_is_over_is_chosen_again(monkeypatch):
+    """The prediction can miss: with every traced peak made 10% higher than it is, a budget
+    plan is re-chosen until its traced peak fits (a lower predicted peak), and a budget that
+    nothing fits then warns with the figures."""
+    model = small_model("mresnet32").float()
+    x = torch.randn(8, 3, 16, 16)
+    measured = measure(model, x)
+    planning = sys.modules["momres.plan"]
+    monkeypatch.setattr(planning, "traced_peak", lambda *a: int(1.1 * traced_peak(*a)))
+    budget = (measured.choose().peak + measured.plain_peak) // 2
+    first = measured.choose(budget)
+    first_traced = int(1.1 * traced_peak(model, x))
+    assert first_traced > budget  # the first choice does not fit
+    fitted = momres.plan(model, x, budget=budget)
+    assert fitted.budget == budget and fitted.traced_peak <= budget < first_traced
+    assert fitted.peak < first.peak
+    assert int(1.1 * traced_peak(model, x)) == fitted.traced_peak  # the model runs that plan
+    with pytest.warns(UserWarning, match="over the budget"):
+        tight = momres.plan(model, x, budget=measured.choose().peak)
+    assert tight.traced_peak > tight.budget
 
 
 def test_plans_that_checkpoint_in_segments_or_keep_blocks_are_predicted_within_15_percent():

@@ -36,7 +36,8 @@ import contextlib
 import itertools
 import math
 import re
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -730,9 +731,38 @@ def plan(model: nn.Module, *example_inputs, budget: int | float | str | None = N
     """
     if budget is not None:
         parse_bytes(budget)  # a bad budget is refused before anything is measured
-    result = measure(model, *example_inputs, modes=modes, **kwargs).choose(budget)
+    measured = measure(model, *example_inputs, modes=modes, **kwargs)
+    result = measured.choose(budget)
     if verify:
         result.traced_peak = traced_peak(model, *example_inputs, **kwargs)
+        if budget is not None:
+            result = _fitted(measured, result, parse_bytes(budget),
+                             lambda: traced_peak(model, *example_inputs, **kwargs))
+    return result
+
+
+def _fitted(measured: Measurements, result: Plan, budget: int, trace: Callable[[], int]
+            ) -> Plan:
+    """A plan whose traced peak fits ``budget``, from ``result``, whose may not: the
+    prediction can miss by a few percent, so the planner aims that much lower and traces
+    again (three times at most); a warning says by how much the last plan is over if none
+    fits."""
+    least = measured.scored()[0][0]
+    for _ in range(3):
+        over = result.traced_peak - budget
+        if over <= 0:
+            return result
+        aim = max(result.peak - over, least)  # the same error on a plan predicted at aim fits
+        if aim >= result.peak:  # no plan is predicted lower
+            break
+        result = measured.choose(aim)
+        result.budget, result.traced_peak = budget, trace()
+    if result.traced_peak > budget:
+        warnings.warn(
+            f"momres: plan: the chosen plan's traced peak {format_bytes(result.traced_peak)} "
+            f"is {result.traced_peak / budget - 1:.1%} over the budget {format_bytes(budget)} "
+            f"(its predicted peak {format_bytes(result.peak)}); no plan was found whose traced "
+            "peak fits. Raise the budget or lower the batch size.", UserWarning, stacklevel=3)
     return result
 
 
