@@ -59,7 +59,12 @@ def report_errors(action: Callable[[], int | None]) -> int:
     """Run ``action``: its exit status, or 2 after printing a momres error (no traceback), or
     130 when interrupted."""
     try:
-        return int(action() or 0)
+        status = int(action() or 0)
+        if dist.is_initialized():
+            # No rank tears the process group down while another still talks to it (rank 0
+            # writes the last checkpoint): gloo aborts a process whose peer left mid-talk.
+            dist.barrier()
+        return status
     except USER_ERRORS as error:
         if not str(error).startswith("momres:"):
             raise
