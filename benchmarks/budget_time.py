@@ -2,8 +2,8 @@
 
 For each model: trace the peak of a training step under ``torch.utils.checkpoint`` (about
 sqrt(n) segments per stage, ``momres bench --whole-model``'s ``checkpoint`` system), plan the
-momentum twin with that peak as its budget, print the plan with its predicted and traced
-peaks, then time plain autograd, checkpointing and the plan interleaved, round by round, and
+momentum twin with that peak as its budget (``momres.plan``, verified: a plan whose traced peak
+is over is chosen again), print the plan with its predicted and traced peaks, then time plain autograd, checkpointing and the plan interleaved, round by round, and
 report median ratios.
 
     python benchmarks/budget_time.py --models resnet110 --rounds 9 --threads 2
@@ -16,8 +16,9 @@ import os
 
 import torch
 
+import momres
 from momres.cli.peaks import Model, build
-from momres.plan import format_bytes, measure, traced_peak
+from momres.plan import format_bytes, traced_peak
 from momres.timing import add_allocator_option, interleaved, median_ratio, set_allocator, step_time
 
 MODELS = {
@@ -49,8 +50,9 @@ def measure_at_checkpointings_peak(model: Model, rounds: int) -> None:
     plain, checkpointed = build(model, "plain"), build(model, "checkpoint")
     budget = traced_peak(checkpointed, x)
     planned = model.momentum()
-    plan = measure(planned, x).choose(budget)
-    planned_peak = traced_peak(planned, x)
+    # Verified: a plan whose traced peak is over the budget is chosen again, aiming lower.
+    plan = momres.plan(planned, x, budget=budget)
+    planned_peak = plan.traced_peak
     print(f"\n== {model.label()}: checkpointing's traced peak {format_bytes(budget)} "
           f"(plain {format_bytes(traced_peak(plain, x))})\n{plan}\n"
           f"traced peak of the plan {format_bytes(planned_peak)} "
