@@ -64,30 +64,6 @@ def test_forward_step_matches_eager(dtype, num, den):
     assert torch.equal(x, ex) and torch.equal(v, ev) and torch.equal(buf, ebuf)
 
 
-@pytest.mark.parametrize("buffer", [b for b in BUFFERS if b != torch.float64])
-@pytest.mark.parametrize("num,den", FRACTIONS)
-def test_forward_step_keeps_a_narrow_buffer_as_the_eager_step_does(buffer, num, den):
-    """The forward kernel on a buffer in its segment's integer type (values that stay in it
-    after the step, as ``_exact.segment_dtypes`` guarantees) gives the float64 buffer's
-    numbers."""
-    gen = torch.Generator().manual_seed(num * den + 1)
-    n, k = 100_003, _exact.default_frac_bits(torch.float32)
-    scale, unit = (1 - num / den) * 2.0**k, 2.0**-k
-    x, v = integers(n, 2.0**51, gen) * unit, integers(n, 2.0**50, gen)
-    top = torch.iinfo(buffer).max
-    if (den - 1) // num > top:
-        pytest.skip("one step from an empty buffer outgrows this type: never chosen for it")
-    buf = integers(n, (top * num - den + 1) // den, gen, nonnegative=True)
-    g = activations(n, torch.float32, gen)
-    ex, ev, ebuf = x.clone(), v.clone(), buf.clone()
-    ev, ebuf, _ = _exact.forward_step_(ex, ev, ebuf, torch.empty_like(x), g, num, den, scale,
-                                       unit)
-    assert ebuf.max() <= top
-    narrow = buf.to(buffer)
-    assert _kernels.forward_step_(kernel_library(), x, v, narrow, g, num, den, scale, unit)
-    assert torch.equal(x, ex) and torch.equal(v, ev) and torch.equal(narrow.double(), ebuf)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("buffer", BUFFERS)
 @pytest.mark.parametrize("num,den", FRACTIONS)

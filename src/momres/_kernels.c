@@ -85,37 +85,36 @@ static inline void mul_frac(double *c, double *i, double num, double den, double
 #endif
 
 /* Forward step (_exact.forward_step_): v <- v*num/den + round(scale*g); x <- x + v*unit.
- * x, v: double; buf: the buffer in the narrowest type B that holds it to its next spill
- * (_exact.segment_dtypes), double if need be; g: the activations' type G, the product scale*g
- * rounded in G as torch computes it.  With pos (else NULL), the new x is also written there in
- * G, rounded as torch's conversion rounds it: the next block's input.  SUFFIX names G and B.
- * One loop per form: a test inside kept it from being vectorised. */
-#define FORWARD_ONE(G, B)                                                               \
-    double c = v[j], i = (double)buf[j];                                                \
+ * x, v, buf: double; g: the activations' type G, the product scale*g rounded in G as torch
+ * computes it.  With pos (else NULL), the new x is also written there in G, rounded as
+ * torch's conversion rounds it: the next block's input.  SUFFIX names G.  One loop per form:
+ * a test inside kept it from being vectorised. */
+#define FORWARD_ONE(G)                                                                  \
+    double c = v[j], i = buf[j];                                                        \
     mul_frac(&c, &i, num, den, inv_num, inv_den);                                       \
     c += rint((double)(G)(g[j] * s));                                                   \
     v[j] = c;                                                                           \
-    buf[j] = (B)i;                                                                      \
+    buf[j] = i;                                                                         \
     x[j] += c * unit;
-#define FORWARD(SUFFIX, G, B)                                                           \
+#define FORWARD(SUFFIX, G)                                                              \
     CLONES static void forward_##SUFFIX##_range(                                        \
-        double *restrict x, double *restrict v, B *restrict buf, const G *restrict g,   \
+        double *restrict x, double *restrict v, double *restrict buf, const G *restrict g, \
         G *restrict pos, int64_t lo, int64_t hi, double num, double den, double scale,   \
         double unit) {                                                                  \
         double inv_num = 1.0 / num, inv_den = 1.0 / den;                               \
         G s = (G)scale;                                                                 \
         if (pos) {                                                                      \
             for (int64_t j = lo; j < hi; j++) {                                        \
-                FORWARD_ONE(G, B)                                                       \
+                FORWARD_ONE(G)                                                          \
                 pos[j] = (G)x[j];                                                       \
             }                                                                           \
         } else {                                                                        \
             for (int64_t j = lo; j < hi; j++) {                                        \
-                FORWARD_ONE(G, B)                                                       \
+                FORWARD_ONE(G)                                                          \
             }                                                                           \
         }                                                                               \
     }                                                                                   \
-    void momres_forward_##SUFFIX(double *x, double *v, B *buf, const G *g, G *pos,       \
+    void momres_forward_##SUFFIX(double *x, double *v, double *buf, const G *g, G *pos,  \
                                  int64_t n, int64_t num, int64_t den, double scale,    \
                                  double unit, int threads) {                           \
         PARALLEL(n, threads, forward_##SUFFIX##_range(x, v, buf, g, pos, lo, hi,         \
@@ -123,14 +122,8 @@ static inline void mul_frac(double *c, double *i, double num, double den, double
                                                       unit));                          \
     }
 
-FORWARD(f32_u8, float, uint8_t)
-FORWARD(f32_i16, float, int16_t)
-FORWARD(f32_i32, float, int32_t)
-FORWARD(f32_f64, float, double)
-FORWARD(f64_u8, double, uint8_t)
-FORWARD(f64_i16, double, int16_t)
-FORWARD(f64_i32, double, int32_t)
-FORWARD(f64_f64, double, double)
+FORWARD(f32, float)
+FORWARD(f64, double)
 
 /* Backward step (_exact.backward_chunk_): v <- (v - round(scale*g)) * den/num, the buffer
  * giving back the bits, and stored again in its narrow type B.  With x (else NULL), g is

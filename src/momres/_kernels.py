@@ -41,9 +41,8 @@ SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.uint8: "u8", torch.i
 _i64, _f64, _int, _ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_int, ctypes.c_void_p
 #: The exported functions of ``_kernels.c`` and their arguments.
 FUNCTIONS = {
-    **{f"momres_forward_{g}_{b}": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f64, _f64,
-                                   _int]
-       for g in ("f32", "f64") for b in ("u8", "i16", "i32", "f64")},
+    **{f"momres_forward_{g}": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f64, _f64, _int]
+       for g in ("f32", "f64")},
     **{f"momres_backward_{g}_{b}": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f64, _int]
        for g in ("f32", "f64") for b in ("u8", "i16", "i32", "f64")},
     **{f"momres_backward_skip_{g}_{b}": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f64, _int]
@@ -171,14 +170,13 @@ def supported(*tensors: torch.Tensor | None) -> bool:
 def forward_step_(lib: ctypes.CDLL, x: torch.Tensor, v: torch.Tensor, buf: torch.Tensor,
                   g: torch.Tensor, num: int, den: int, scale: float, unit: float,
                   pos: torch.Tensor | None = None) -> bool:
-    """``_exact.forward_step_`` in one pass, in place (``x``, ``v`` float64, ``buf`` float64
-    or an integer type that holds it until its next spill, ``g`` float32 or float64); with
-    ``pos`` (of ``g``'s type), ``x.to(pos.dtype)`` is written there in the same pass.
-    ``False`` (nothing done) where the kernels cannot run on them."""
-    if not (supported(x, v, buf, g, pos) and x.dtype == v.dtype == torch.float64
+    """``_exact.forward_step_`` in one pass, in place (``x``, ``v``, ``buf`` float64, ``g``
+    float32 or float64); with ``pos`` (of ``g``'s type), ``x.to(pos.dtype)`` is written there
+    in the same pass.  ``False`` (nothing done) where the kernels cannot run on them."""
+    if not (supported(x, v, buf, g, pos) and x.dtype == v.dtype == buf.dtype == torch.float64
             and g.is_floating_point() and (pos is None or pos.dtype == g.dtype)):
         return False
-    getattr(lib, f"momres_forward_{SUFFIX[g.dtype]}_{SUFFIX[buf.dtype]}")(
+    getattr(lib, f"momres_forward_{SUFFIX[g.dtype]}")(
         x.data_ptr(), v.data_ptr(), buf.data_ptr(), g.data_ptr(), _address(pos), x.numel(), num,
         den, scale, unit, torch.get_num_threads())
     return True

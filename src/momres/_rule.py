@@ -198,9 +198,8 @@ class ExactInversion(Inversion):
 
     Forward (no graph is held, so whole float64 tensors cost little at the step's peak): ``x``
     is held on the grid ``2**-k`` in value units, ``v`` in grid units, and the bits that the
-    multiplication by ``gamma = num/den`` destroys go to the information buffer (in the
-    narrowest type its segment's bound allows where the kernels run, else float64), pushed
-    aside (spilled) and restarted before it could outgrow float64's exact integers.  When to spill
+    multiplication by ``gamma = num/den`` destroys go to the information buffer, pushed aside
+    (spilled) and restarted before it could outgrow float64's exact integers.  When to spill
     depends only on the block index, so forward and backward agree without looking at the data.
 
     Backward, where the peak of a memory-free step is: ``x`` stays in the compact form the
@@ -225,16 +224,10 @@ class ExactInversion(Inversion):
         self.spilled: list[torch.Tensor] = []
         self.gmax: list[torch.Tensor] = []
         self.kernels = None if fusing(self.X) else _kernels.kernels(self.X)
-        self.buf, self.tmp = self._new_buffer(0), None
+        self.buf, self.tmp = torch.zeros_like(self.X), None
         self.step = fused(_exact.forward_step_, self.X)
         # The next block's input, written by the forward kernel in its pass over X.
         self.next: torch.Tensor | None = None
-
-    def _new_buffer(self, n: int) -> torch.Tensor:
-        """A zero buffer for block ``n``'s segment: as narrow as its bound allows for the
-        kernels (fewer bytes through each step), float64 for the eager arithmetic."""
-        dtype = torch.float64 if self.kernels is None else self.buffer_dtypes[n]
-        return torch.zeros_like(self.X, dtype=dtype)
 
     def position(self):
         if self.next is not None:
@@ -249,7 +242,7 @@ class ExactInversion(Inversion):
             g = g - x
         if self.schedule[n]:  # stored as narrow as the segment's bound allows
             self.spilled.append(self.buf.to(self.buffer_dtypes[n - 1]))
-            self.buf = self._new_buffer(n)
+            self.buf = torch.zeros_like(self.X)
         g = g.to(self.dtype)
         self.gmax.extend(_extremes(g))
         rule = self.rule
@@ -266,7 +259,6 @@ class ExactInversion(Inversion):
             return
         if self.tmp is None:
             self.tmp = torch.empty_like(self.X)
-        self.buf = self.buf.double()  # narrow where the kernels ran on earlier blocks
         self.V, self.buf, self.tmp = self.step(self.X, self.V, self.buf, self.tmp, g, rule.num,
                                                rule.den, self.scale, self.unit)
 
