@@ -327,8 +327,9 @@ def rule_grads_(lib: ctypes.CDLL, a_x: torch.Tensor, b: torch.Tensor, grad: torc
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two dense tensors (``supported``) share memory."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    """Whether two dense tensors (``supported``) share memory: their byte ranges meet."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def rule_backward(lib: ctypes.CDLL, a_x: torch.Tensor, a_v: torch.Tensor, gamma: float,

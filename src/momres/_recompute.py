@@ -529,10 +529,18 @@ def graph_kept() -> bool:
 
 
 def _accumulate(total: list, indices, grads, scale: float) -> None:
-    """``total[j] += scale * grad``."""
-    for j, grad in zip(indices, grads, strict=True):
-        if grad is not None:
-            total[j] = grad * scale if total[j] is None else total[j].add_(grad, alpha=scale)
+    """``total[j] += scale * grad`` (``scale * grad`` where ``total[j]`` is ``None``): one
+    foreach call each way, the same numbers as a loop of ``mul`` and ``add_`` without a
+    Python call per tensor (a block has half a dozen parameters, each a few microseconds)."""
+    given = [(j, grad) for j, grad in zip(indices, grads, strict=True) if grad is not None]
+    first = [(j, grad) for j, grad in given if total[j] is None]
+    more = [(j, grad) for j, grad in given if total[j] is not None]
+    if first:
+        scaled = torch._foreach_mul([grad for _, grad in first], scale)
+        for (j, _), t in zip(first, scaled, strict=True):
+            total[j] = t
+    if more:
+        torch._foreach_add_([total[j] for j, _ in more], [grad for _, grad in more], alpha=scale)
 
 
 def _restart_fsdp_cycle(f: nn.Module) -> None:
