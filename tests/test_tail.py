@@ -277,10 +277,12 @@ def whole(blocks):
 
 @pytest.mark.parametrize("kernels", [pytest.param("1", marks=needs_compiler), "0"])
 @pytest.mark.parametrize("exact", [True, False])
-@pytest.mark.parametrize("kind, train", [("basic", True), ("basic", False),
-                                         ("bottleneck", True)])
+@pytest.mark.parametrize("kind, train, channels_last", [
+    ("basic", True, False), ("basic", False, False), ("bottleneck", True, False),
+    ("basic", True, True)])
 def test_memory_free_stage_with_tails_matches_its_blocks_run_whole(monkeypatch, kernels,
-                                                                    exact, kind, train):
+                                                                    exact, kind, train,
+                                                                    channels_last):
     """Outputs, every gradient and BatchNorm's statistics, bit for bit: the tails change how
     many passes run, not one number; and against plain autograd through the blocks run whole
     (the memory-free backward's own tolerance)."""
@@ -296,6 +298,10 @@ def test_memory_free_stage_with_tails_matches_its_blocks_run_whole(monkeypatch, 
     assert all(_tail.branch(f, (), {}) is None for f in twins[0])
     x = torch.randn(4, blocks[0].conv1.in_channels, 6, 6, generator=torch.Generator()
                     .manual_seed(16))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        for net in nets:
+            net.to(memory_format=torch.channels_last)
     name = "_basic" if kind == "basic" else "_bottleneck"
     branch, branch_calls = getattr(_tail, name), []
     monkeypatch.setattr(_tail, name, lambda f, x: branch_calls.append(f) or branch(f, x))
