@@ -3,8 +3,8 @@
 For each model: trace the peak of a training step under ``torch.utils.checkpoint`` (about
 sqrt(n) segments per stage, ``momres bench --whole-model``'s ``checkpoint`` system), plan the
 momentum twin with that peak as its budget (``momres.plan``, verified: a plan whose traced peak
-is over is chosen again), print the plan with its predicted and traced peaks, then time plain autograd, checkpointing and the plan interleaved, round by round, and
-report median ratios.
+is over is chosen again), print the plan with its predicted and traced peaks, then time plain
+autograd, checkpointing and the plan interleaved, round by round, and report median ratios.
 
     python benchmarks/budget_time.py --models resnet110 --rounds 9 --threads 2
 """
