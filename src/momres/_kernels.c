@@ -31,6 +31,10 @@
 #define CLONES
 #endif
 
+/* relu(s) in type T as torch's ReLU computes it: NaN and -0 pass through.  The blocks that end
+ * in relu(r + x) (momres/_tail.py) are taken in the rule's kernels with s = r + x. */
+#define RELU(T, s) ((s) < 0 ? (T)0 : (s))
+
 /* Elements per thread below which a kernel runs on the calling thread alone. */
 #define MIN_PER_THREAD 32768
 
@@ -152,7 +156,7 @@ FORWARD(f64, double)
             for (int64_t j = lo; j < hi; j++) {                                        \
                 G sj = (G)(g[j] + x[j]);                                                \
                 c[j] = sj > 0 ? b[j] : (G)0;                                            \
-                backward_##SUFFIX##_one(v + j, buf + j, (G)((sj < 0 ? (G)0 : sj) - x[j]), \
+                backward_##SUFFIX##_one(v + j, buf + j, (G)(RELU(G, sj) - x[j]),        \
                                         s, num, den, inv_num, inv_den);                 \
             }                                                                           \
         } else if (x) {                                                                 \
@@ -305,7 +309,7 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
         T gamma, T alpha) {                                                             \
         for (int64_t j = lo; j < hi; j++) {                                            \
             T s = r[j] + x[j];                                                          \
-            T w = FMA((s < 0 ? (T)0 : s) - x[j], alpha, v[j] * gamma);                  \
+            T w = FMA(RELU(T, s) - x[j], alpha, v[j] * gamma);                          \
             v[j] = w;                                                                   \
             x[j] += w;                                                                  \
         }                                                                               \
@@ -322,7 +326,7 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
         T *restrict c, int64_t lo, int64_t hi, T gamma, T alpha) {                      \
         for (int64_t j = lo; j < hi; j++) {                                            \
             T s = r[j] + x[j];                                                          \
-            v[j] = FMA((s < 0 ? (T)0 : s) - x[j], -alpha, v[j]) / gamma;                \
+            v[j] = FMA(RELU(T, s) - x[j], -alpha, v[j]) / gamma;                        \
             c[j] = s > 0 ? b[j] : (T)0;                                                 \
         }                                                                               \
     }                                                                                   \
@@ -403,7 +407,7 @@ void momres_retreat_f64(double *x, const double *v, int64_t n, int frac_bits, in
         uint8_t *restrict m, int64_t lo, int64_t hi, T gamma, T alpha) {                \
         for (int64_t j = lo; j < hi; j++) {                                            \
             T s = r[j] + x[j];                                                          \
-            T w = FMA((s < 0 ? (T)0 : s) - x[j], alpha, v[j] * gamma);                  \
+            T w = FMA(RELU(T, s) - x[j], alpha, v[j] * gamma);                          \
             m[j] = s > 0;                                                               \
             vo[j] = w;                                                                  \
             xo[j] = x[j] + w;                                                           \

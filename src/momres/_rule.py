@@ -220,11 +220,11 @@ class ExactInversion(Inversion):
         k = self.rule.frac_bits
         self.x0, self.v0 = x0, v0
         self.X, self.V = _exact.to_grid(x0, k), _exact.to_units(v0, k)
+        self.buf, self.tmp = torch.zeros_like(self.X), None
         self.checksum = torch.stack([self.X.sum(), self.V.sum()])
         self.spilled: list[torch.Tensor] = []
         self.gmax: list[torch.Tensor] = []
         self.kernels = None if fusing(self.X) else _kernels.kernels(self.X)
-        self.buf, self.tmp = torch.zeros_like(self.X), None
         self.step = fused(_exact.forward_step_, self.X)
         # The next block's input, written by the forward kernel in its pass over X.
         self.next: torch.Tensor | None = None

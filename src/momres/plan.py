@@ -734,10 +734,10 @@ def plan(model: nn.Module, *example_inputs, budget: int | float | str | None = N
     measured = measure(model, *example_inputs, modes=modes, **kwargs)
     result = measured.choose(budget)
     if verify:
-        result.traced_peak = traced_peak(model, *example_inputs, **kwargs)
+        trace = lambda: traced_peak(model, *example_inputs, **kwargs)  # noqa: E731
+        result.traced_peak = trace()
         if budget is not None:
-            result = _fitted(measured, result, parse_bytes(budget),
-                             lambda: traced_peak(model, *example_inputs, **kwargs))
+            result = _fitted(measured, result, parse_bytes(budget), trace)
     return result
 
 
