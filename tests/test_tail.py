@@ -317,3 +317,22 @@ def test_memory_free_stage_with_tails_matches_its_blocks_run_whole(monkeypatch, 
     assert (out - out_auto).abs().max() <= 1e-5 * out_auto.abs().max()
     for g, w in zip(grads, grads_auto, strict=True):
         assert (g - w).norm() <= 1e-4 * w.norm()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_memory_free_tails_under_autocast_match_the_blocks_run_whole(exact):
+    """A bfloat16 branch on a float32 stage: the cotangent the ReLU hands the branch, and the
+    skip's share of x's gradient, are rounded as the block's own backward rounds them (through
+    its bfloat16 output): every gradient bit for bit the blocks-run-whole ones."""
+    blocks = stage_blocks("basic")
+    randomise_batchnorm(blocks)
+    x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(17))
+    results = []
+    for run_whole in (False, True):
+        copies = copy.deepcopy(blocks)
+        net = momres.MomentumNet(whole(copies) if run_whole else copies, GAMMA, residual=False,
+                                 exact=exact)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grads = output_and_gradients(net, x)
+        results.append([out, *grads])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -377,9 +377,12 @@ class LoggedInversion:
 def _relu_tail(r: torch.Tensor, x: torch.Tensor, b: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """A tail block's output ``relu(r + x)`` and the cotangent its ReLU hands the branch,
-    ``where(r + x > 0, b, 0)``: the eager form of the rebuild kernels' tail."""
+    ``where(r + x > 0, b, 0)``: the eager form of the rebuild kernels' tail.  The cotangent is
+    in the branch's type, as autograd rounds it at the block's output (a bfloat16 branch under
+    autocast), so that the skip's share of ``x``'s gradient is rounded as the block's own
+    backward rounds it too."""
     s = _tail.joined(r, x)
-    c = torch.where(s > 0, b, 0)
+    c = torch.where(s > 0, b, 0).to(r.dtype)
     return s.relu_(), c
 
 
@@ -599,7 +602,8 @@ def backward_step(state: Inversion | LoggedInversion, replay: Replayer, n: int, 
     g, grad = replay.pull(block, x, b, 1 - gamma, skip=False, use=rebuild if early else None,
                           tail=tail)
     if not (own_a_x and fused_grads(a_x, b, grad, gamma, skip is None, c)):
-        if c is not None:
+        if c is not None:  # the skip's share, in x's type (as the block's add hands it on)
+            c = c.to(a_x.dtype)
             grad = c if grad is None else grad + c
         if skip is not None:
             grad = -b if grad is None else grad - b
