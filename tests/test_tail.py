@@ -319,19 +319,20 @@ def test_memory_free_stage_with_tails_matches_its_blocks_run_whole(monkeypatch, 
         assert (g - w).norm() <= 1e-4 * w.norm()
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_memory_free_tails_under_autocast_match_the_blocks_run_whole(exact):
+@pytest.mark.parametrize("strategy", ["exact", "float", "autograd"])
+def test_tails_under_autocast_match_the_blocks_run_whole(strategy):
     """A bfloat16 branch on a float32 stage: the cotangent the ReLU hands the branch, and the
     skip's share of x's gradient, are rounded as the block's own backward rounds them (through
-    its bfloat16 output): every gradient bit for bit the blocks-run-whole ones."""
+    its bfloat16 output), memory-free and under autograd: every gradient bit for bit the
+    blocks-run-whole ones."""
     blocks = stage_blocks("basic")
     randomise_batchnorm(blocks)
     x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(17))
     results = []
     for run_whole in (False, True):
         copies = copy.deepcopy(blocks)
-        net = momres.MomentumNet(whole(copies) if run_whole else copies, GAMMA, residual=False,
-                                 exact=exact)
+        net = momres.MomentumNet(whole(copies) if run_whole else copies, GAMMA, residual=False)
+        net.strategy = strategy
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, grads = output_and_gradients(net, x)
         results.append([out, *grads])

@@ -476,7 +476,7 @@ class RuleStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, v: torch.Tensor, y: torch.Tensor, gamma: float,
                 residual: bool, own_v: bool, tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.gamma, ctx.residual, ctx.tail = gamma, residual, tail
+        ctx.gamma, ctx.residual, ctx.tail, ctx.branch_dtype = gamma, residual, tail, y.dtype
         ctx.set_materialize_grads(False)
         lib = _kernels.kernels(x)
         if own_v:
@@ -508,7 +508,11 @@ class RuleStep(torch.autograd.Function):
             return None, None, None, *none
         mask = ctx.saved_tensors[0] if ctx.tail else None
         given = a_x if a_x is not None else a_v
-        lib = _kernels.kernels(given) if ctx.tail or (a_x is not None and a_v is not None) else None
+        # (A tail whose branch has another type takes the eager formulas, which round as the
+        # block does.)
+        fusable = (ctx.branch_dtype == given.dtype if ctx.tail else
+                   a_x is not None and a_v is not None)
+        lib = _kernels.kernels(given) if fusable else None
         if lib is not None and not torch.is_grad_enabled():  # else: double backward
             fused = (_kernels.rule_tail_backward(lib, a_x, a_v, mask, gamma) if ctx.tail else
                      _kernels.rule_backward(lib, a_x, a_v, gamma, ctx.residual))
@@ -519,8 +523,13 @@ class RuleStep(torch.autograd.Function):
         grad_y = b * (1 - gamma)
         if ctx.tail:  # through the ReLU where it passes: the rule's -grad_y and the skip's cancel
             a_x = torch.zeros_like(b) if a_x is None else a_x
-            return (torch.where(mask, a_x, a_x - grad_y), b * gamma,
-                    torch.where(mask, grad_y, 0), *none)
+            grad_r = torch.where(mask, grad_y, 0)
+            if ctx.branch_dtype == b.dtype:
+                return torch.where(mask, a_x, a_x - grad_y), b * gamma, grad_r, *none
+            # A branch of another type (autocast): the block's backward rounds the gradient at
+            # its output to the branch's type, and its add hands that to the skip.
+            grad_r = grad_r.to(ctx.branch_dtype)
+            return (a_x - grad_y) + grad_r.to(b.dtype), b * gamma, grad_r, *none
         grad_x = a_x if ctx.residual else (-grad_y if a_x is None else a_x - grad_y)
         return grad_x, b * gamma, grad_y, *none
 
