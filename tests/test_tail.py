@@ -337,3 +337,11 @@ def test_tails_under_autocast_match_the_blocks_run_whole(strategy):
             out, grads = output_and_gradients(net, x)
         results.append([out, *grads])
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_a_forward_patched_over_torchvisions_is_run_whole(monkeypatch):
+    """A library that replaces ``BasicBlock.forward`` on the class (stochastic depth, say):
+    the split would skip the patch, so the block runs whole."""
+    original = BasicBlock.forward
+    monkeypatch.setattr(BasicBlock, "forward", lambda self, x: original(self, x) * 0.5)
+    assert _tail.branch(BasicBlock(8, 8), (), {}) is None

@@ -68,7 +68,12 @@ def branch(f: nn.Module, args: tuple, kwargs: dict) -> Branch | None:
     forward = type(f).forward
     split = (_basic if forward is resnet.BasicBlock.forward else
              _bottleneck if forward is resnet.Bottleneck.forward else None)
-    if (split is None or f.downsample is not None or "forward" in f.__dict__
+    # torchvision's own forward, not one patched over it on the class (which the split would
+    # silently skip).
+    own = (getattr(forward, "__module__", None) == resnet.__name__
+           and getattr(forward, "__qualname__", None) in ("BasicBlock.forward",
+                                                          "Bottleneck.forward"))
+    if (split is None or not own or f.downsample is not None or "forward" in f.__dict__
             or type(f).__call__ is not nn.Module.__call__
             or type(f.relu) is not nn.ReLU or "forward" in f.relu.__dict__
             or _hooked(f) or _hooked(f.relu)
